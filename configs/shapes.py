@@ -1,0 +1,69 @@
+"""The default job: train and evaluate on synthetic shape scenes, offline, on one CPU.
+
+Command (from the repository root):
+    python launch.py                      # = --config=configs/shapes.py --workdir=runs/shapes
+
+Expected result (2-core CPU, measured; see README): builds the data set, trains
+for `train.num_steps` steps and prints the val metrics table.
+RESULT_PLACEHOLDER
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # data: synthetic scenes rendered by the `shapes_captions` TFDS builder.
+    config.data = ml_collections.ConfigDict()
+    config.data.name = 'shapes'
+    config.data.tfds_dir = ''          # '' = TFDS' default (~/tensorflow_datasets)
+    config.data.image_size = 64
+    config.data.num_train = 10000
+    config.data.num_val = 500
+    config.data.num_test = 500
+    config.data.build_seed = 0         # seed of the rendered scenes (not of training)
+    config.data.max_words = 1000       # vocabulary size cap (the data set has fewer words)
+    config.data.max_len = 24           # tokens incl. <start> and <end>
+    config.data.num_threads = 2        # grain reader threads
+    config.data.prefetch = 8           # grain prefetch buffer (batches)
+
+    # model: small ResNet (64x64 -> 8x8 grid), attention LSTM decoder.
+    config.model = ml_collections.ConfigDict()
+    config.model.encoder = ml_collections.ConfigDict()
+    config.model.encoder.stage_sizes = (1, 1)
+    config.model.encoder.num_filters = 16
+    config.model.encoder.preprocess = 'unit'
+    config.model.embed_dim = 128
+    config.model.units = 256
+    config.model.attention_units = 128
+    config.model.beam_size = 1         # 1 = greedy decoding
+    config.model.max_decode_len = 24   # tokens generated at most, <end> included
+
+    # optim: Adam, masked cross-entropy.
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 100
+    config.optim.decay = 'cosine'      # 'cosine' to 10% of the peak at num_steps, or 'constant'
+    config.optim.grad_clip_norm = 5.0  # 0 disables clipping
+    config.optim.attention_reg = 0.0   # doubly stochastic attention weight (Show, Attend and Tell)
+
+    # train: steps and logging.
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 64
+    config.train.num_steps = 2500
+    config.train.log_every_steps = 100
+
+    # eval: split, decoding and heatmaps after training.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = 'val'
+    config.eval.batch_size = 100
+    config.eval.num_examples = 0       # 0 = the whole split
+    config.eval.num_heatmaps = 4
+
+    # ckpt: orbax checkpoints in workdir/checkpoints.
+    config.ckpt = ml_collections.ConfigDict()
+    config.ckpt.every_steps = 500
+    config.ckpt.max_to_keep = 2
+    return config

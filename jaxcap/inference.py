@@ -1,0 +1,84 @@
+"""Using a trained workdir: `--mode=eval` and `--mode=caption` on the user's own images."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxcap import checkpoint, evaluate, parallel, train, workdir as workdir_lib
+from jaxcap.data import images as image_ops
+from jaxcap.models import captioner
+
+
+def restore(workdir: str):
+    """(config, vocab, model, variables) of a trained workdir's latest checkpoint."""
+    config = workdir_lib.load_config(workdir)
+    vocab = workdir_lib.load_vocab(workdir)
+    model = captioner.from_config(config.model, len(vocab))
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                           config.ckpt.every_steps, config.ckpt.max_to_keep)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(f'{workdir} has no checkpoint yet; train first with '
+                                f'`python launch.py --workdir={workdir}`.')
+    state = train.initial_state(config, model, parallel.make_mesh())
+    state = checkpointer.restore(state)
+    checkpointer.close()
+    return config, vocab, model, state.variables()
+
+
+def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, float]:
+    config, vocab, model, variables = restore(workdir)
+    return evaluate.evaluate_split(config, model, vocab, variables, workdir, split=split)
+
+
+def expand_paths(patterns: Sequence[str]) -> list[str]:
+    """Comma-separated paths or globs -> paths; a pattern matching nothing is kept as given
+    (so it is reported as missing rather than silently dropped)."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else []
+        paths.extend(matches or [pattern])
+    return paths
+
+
+def caption_images(workdir: str, patterns: Sequence[str], heatmaps_dir: str | None = None,
+                   out=sys.stdout) -> list[dict]:
+    """Prints one JSON line per image: {"image", "caption", "score"} or {"image", "error"}.
+
+    A file that cannot be read as an image gets an error line; the others are
+    still captioned.
+    """
+    config, vocab, model, variables = restore(workdir)
+    evaluator = evaluate.Evaluator(model, vocab, config)
+    paths = expand_paths(patterns)
+    lines: list[dict] = [{'image': p} for p in paths]
+    loaded = []  # (index into paths, resized image)
+    for i, path in enumerate(paths):
+        try:
+            loaded.append((i, image_ops.resize(image_ops.load_image(path), config.data.image_size)))
+        except image_ops.ImageLoadError as e:
+            lines[i]['error'] = str(e)
+    batch_size = config.eval.batch_size
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start:start + batch_size]
+        batch = _padded_batch([image for _, image in chunk], batch_size)
+        for (i, _), result in zip(chunk, evaluator.caption_batches(variables, [batch])):
+            lines[i].update(caption=result['caption'], score=result['score'])
+            if heatmaps_dir:
+                name = f'{i:04d}_{os.path.splitext(os.path.basename(paths[i]))[0]}.png'
+                lines[i]['heatmap'] = evaluator.save_heatmap(result, os.path.join(heatmaps_dir, name))
+    for line in lines:
+        print(json.dumps(line), file=out, flush=True)
+    return lines
+
+
+def _padded_batch(images: list[np.ndarray], batch_size: int) -> dict:
+    pad = batch_size - len(images)
+    return {'images': np.stack(images + [images[-1]] * pad),
+            'valid': np.array([True] * len(images) + [False] * pad),
+            'image_ids': list(range(len(images)))}

@@ -1,0 +1,84 @@
+"""ResNet v1 in the Keras layout, returning the last convolutional grid.
+
+Layer names follow Keras' `ResNet50` (`conv1_conv`, `conv2_block1_1_conv`, ...) so
+that converted ImageNet weights map one to one. The layout is Keras' v1: convs
+with biases, BatchNorm epsilon 1.001e-5, zero-pad 3 + 7x7/2 stem, zero-pad 1 +
+3x3/2 max-pool, and the stride on the first 1x1 conv (and the 1x1 projection)
+of a stage's first block. `ResNet50` is only a preset; small presets for tests
+and the synthetic data live beside it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+BN_EPSILON = 1.001e-5   # Keras' ResNet value, not Flax's default 1e-5
+BN_MOMENTUM = 0.99      # Keras' BatchNormalization default
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 (stride) -> 3x3 -> 1x1 (4x filters), plus a shortcut; v1: stride on the 1x1."""
+    filters: int
+    strides: int
+    project_shortcut: bool
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+        shortcut = x
+        if self.project_shortcut:
+            shortcut = nn.Conv(4 * self.filters, (1, 1), self.strides, padding='VALID', name='0_conv')(x)
+            shortcut = norm(name='0_bn')(shortcut)
+        y = nn.Conv(self.filters, (1, 1), self.strides, padding='VALID', name='1_conv')(x)
+        y = nn.relu(norm(name='1_bn')(y))
+        y = nn.Conv(self.filters, (3, 3), padding='SAME', name='2_conv')(y)
+        y = nn.relu(norm(name='2_bn')(y))
+        y = nn.Conv(4 * self.filters, (1, 1), padding='VALID', name='3_conv')(y)
+        y = norm(name='3_bn')(y)
+        return nn.relu(shortcut + y)
+
+
+class ResNet(nn.Module):
+    """ResNet v1 backbone without the classifier head.
+
+    Attributes:
+      stage_sizes: blocks per stage (ResNet-50: 3, 4, 6, 3).
+      num_filters: bottleneck width of the first stage; doubles every stage, and
+        each block outputs 4x its width (ResNet-50: 64 -> 2048 channels out).
+    """
+    stage_sizes: Sequence[int]
+    num_filters: int = 64
+
+    @nn.compact
+    def __call__(self, x_BxHxWx3, train: bool = False, return_stages: bool = False):
+        """Returns the final grid (B, H/32, W/32, C) for 4 stages, or every stage's output."""
+        x = jnp.pad(x_BxHxWx3, ((0, 0), (3, 3), (3, 3), (0, 0)))
+        x = nn.Conv(self.num_filters, (7, 7), 2, padding='VALID', name='conv1_conv')(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                         epsilon=BN_EPSILON, name='conv1_bn')(x)
+        x = nn.relu(x)
+        # Zero padding before the max-pool is harmless: inputs are post-ReLU, >= 0.
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+        stages = []
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                x = BottleneckBlock(
+                    filters=self.num_filters * 2**i,
+                    strides=2 if (i > 0 and j == 0) else 1,
+                    project_shortcut=(j == 0),
+                    name=f'conv{i + 2}_block{j + 1}')(x, train)
+            stages.append(x)
+        return stages if return_stages else x
+
+
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), num_filters=64)
+# Small presets for tests and the synthetic scenes: 64x64 input -> 8x8 grid.
+ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), num_filters=8)
+ResNetSmall = functools.partial(ResNet, stage_sizes=(1, 1), num_filters=16)
+

@@ -1,0 +1,54 @@
+"""jaxcap entry point.
+
+    python launch.py [--config=configs/shapes.py] [--workdir=runs/shapes] [--config.a.b=value ...]
+                     [--mode=train|eval|caption] [--images=a.png,dir/*.jpg] [--heatmaps_dir=DIR]
+
+`train` resumes from --workdir when it holds checkpoints, then evaluates; `eval` and
+`caption` use the workdir's saved config, vocabulary and latest checkpoint.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/shapes.py', 'Experiment config file; override fields with --config.a.b=v.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/shapes', 'Where checkpoints, logs and results go.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption'], 'What to do.')
+_IMAGES = flags.DEFINE_list('images', [], 'caption mode: image paths or globs, comma-separated.')
+_HEATMAPS_DIR = flags.DEFINE_string('heatmaps_dir', None, 'caption mode: where to save heatmaps.')
+_SPLIT = flags.DEFINE_string('split', None, 'eval mode: split to evaluate (default config.eval.split).')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if not flags.FLAGS['verbosity'].present:
+        # Orbax and TFDS log every file they touch at INFO; the job's own progress
+        # goes to the progress bar and the printed lines.
+        logging.set_verbosity(logging.WARNING)
+    # TensorFlow is only used by TFDS to build data sets: keep it off any GPU/TPU.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')
+    import jax
+    from jaxcap import inference, train
+
+    logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
+                 jax.devices())
+    if _MODE.value == 'train':
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == 'eval':
+        inference.evaluate_workdir(_WORKDIR.value, _SPLIT.value)
+    else:
+        if not _IMAGES.value:
+            raise app.UsageError('--mode=caption needs --images=PATH[,PATH...] (globs allowed).')
+        inference.caption_images(_WORKDIR.value, _IMAGES.value, _HEATMAPS_DIR.value)
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `configs` importable
+    app.run(main)

@@ -1,0 +1,10 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and the repo on sys.path."""
+
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('MPLBACKEND', 'Agg')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

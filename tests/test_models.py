@@ -1,0 +1,151 @@
+"""Model structure: shapes, parameter counts, scan == unroll, causality, attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcap.models import captioner, resnet
+from jaxcap.models.attention import BahdanauAttention
+from jaxcap.models.decoder import Decoder
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_reference_decoder_has_the_keras_parameter_count():
+    # The reference on cached (49, 2048) features, vocabulary 5000:
+    #   project   2048*256 + 256                      =   524,544
+    #   embedding 5000*256                             = 1,280,000
+    #   attention W1 256*512+512, W2 512*512+512, V 513 =   394,753
+    #   lstm1     (256+256)*2048 + 512*2048 + 2048      = 2,099,200
+    #   lstm2     512*2048 + 512*2048 + 2048            = 2,099,200
+    #   logits    512*5000 + 5000                       = 2,565,000
+    #   total                                           = 8,962,697
+    model = captioner.Captioner(vocab_size=5000, stage_sizes=())
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 7, 7, 2048)),
+                            jnp.zeros((1, 34), jnp.int32))
+    assert _count(shapes['params']) == 8_962_697
+
+
+def test_resnet50_has_the_keras_parameter_count_and_grid():
+    # Keras ResNet50(include_top=False): 23,587,712 weights, of which 53,120 are
+    # BatchNorm moving means/variances (non-trainable) -> 23,534,592 trainable.
+    model = resnet.ResNet50()
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    assert _count(shapes['params']) == 23_534_592
+    assert _count(shapes['batch_stats']) == 53_120
+    out = jax.eval_shape(model.apply, shapes, jnp.zeros((2, 224, 224, 3)))
+    assert out.shape == (2, 7, 7, 2048)
+    # Keras layer names, so converted weights map one to one.
+    assert {'conv1_conv', 'conv1_bn', 'conv2_block1', 'conv5_block3'} <= set(shapes['params'])
+    assert set(shapes['params']['conv3_block1']) == {
+        '0_conv', '0_bn', '1_conv', '1_bn', '2_conv', '2_bn', '3_conv', '3_bn'}
+
+
+def test_small_encoder_gives_an_8x8_grid_at_64px():
+    model = captioner.Captioner(vocab_size=30, stage_sizes=(1, 1), num_filters=4, preprocess='unit',
+                                embed_dim=8, units=16, attention_units=8)
+    images = jnp.zeros((3, 64, 64, 3), jnp.uint8)
+    tokens = jnp.zeros((3, 5), jnp.int32)
+    variables = captioner.init_variables(model, 0, images, tokens)
+    logits, alpha = jax.jit(model.apply)(variables, images, tokens)
+    assert logits.shape == (3, 5, 30)
+    assert alpha.shape == (3, 5, 64)   # 64 px / 2 (stem) / 2 (pool) / 2 (stage 2) = 8x8 regions
+    np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-5)
+
+
+def _decoder_and_inputs(seed=0, batch=3, regions=6, steps=7, vocab=11):
+    decoder = Decoder(vocab_size=vocab, embed_dim=8, units=16, attention_units=12)
+    k1, k2 = jax.random.split(jax.random.key(seed), 2)
+    features = jax.random.normal(k1, (batch, regions, 8))
+    tokens = jax.random.randint(k2, (batch, steps), 0, vocab)
+    variables = captioner.init_variables(decoder, seed, features, tokens)
+    return decoder, variables, features, tokens
+
+
+def test_scan_equals_a_python_loop_over_the_same_cell():
+    decoder, variables, features, tokens = _decoder_and_inputs()
+    logits, alpha = jax.jit(decoder.apply)(variables, features, tokens)
+
+    @jax.jit
+    def unrolled_apply(variables):
+        return unrolled(decoder.bind(variables))
+
+    def unrolled(d):
+        state = d.initial_state(tokens.shape[0])
+        keys = d.attention_keys(features)
+        out_logits, out_alpha = [], []
+        for t in range(tokens.shape[1]):
+            state, (hidden, a) = d.step(state, tokens[:, t], features, keys)
+            out_logits.append(d.logits(hidden))
+            out_alpha.append(a)
+        return jnp.stack(out_logits, 1), jnp.stack(out_alpha, 1)
+
+    loop_logits, loop_alpha = unrolled_apply(variables)
+    np.testing.assert_allclose(logits, loop_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alpha, loop_alpha, rtol=1e-5, atol=1e-7)
+
+
+def test_logits_at_step_t_do_not_depend_on_later_tokens():
+    decoder, variables, features, tokens = _decoder_and_inputs()
+    apply = jax.jit(decoder.apply)
+    logits = apply(variables, features, tokens)[0]
+    for t in range(tokens.shape[1] - 1):
+        changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % 11)
+        changed_logits = apply(variables, features, changed)[0]
+        np.testing.assert_array_equal(logits[:, :t + 1], changed_logits[:, :t + 1])
+        assert not np.allclose(logits[:, t + 1], changed_logits[:, t + 1])
+
+
+def test_gradient_of_step_t_is_zero_for_later_tokens():
+    decoder, variables, features, tokens = _decoder_and_inputs()
+    t = 3
+
+    def logit_sum_at_t(embedding):
+        v = jax.tree.map(lambda x: x, variables)
+        v['params']['embedding']['embedding'] = embedding
+        return decoder.apply(v, features, tokens)[0][:, t].sum()
+
+    grad = jax.jit(jax.grad(logit_sum_at_t))(variables['params']['embedding']['embedding'])
+    used = set(np.asarray(tokens[:, :t + 1]).ravel().tolist())
+    later_only = set(np.asarray(tokens[:, t + 1:]).ravel().tolist()) - used
+    for token in later_only:
+        np.testing.assert_array_equal(grad[token], 0.0)
+    assert any(np.abs(grad[token]).sum() > 0 for token in used)
+
+
+def test_attention_matches_a_hand_computation():
+    attention = BahdanauAttention(units=4)
+    features = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    query = jax.random.normal(jax.random.key(2), (2, 6))
+    variables = captioner.init_variables(attention, 3, features, query)
+    context, alpha = attention.apply(variables, features, query)
+    p = jax.tree.map(np.asarray, variables['params'])
+    f, q = np.asarray(features, np.float64), np.asarray(query, np.float64)
+    energy = np.tanh(f @ p['W1']['kernel'] + p['W1']['bias']
+                     + (q @ p['W2']['kernel'] + p['W2']['bias'])[:, None])
+    score = (energy @ p['V']['kernel'])[..., 0] + p['V']['bias'][0]
+    expected_alpha = np.exp(score) / np.exp(score).sum(-1, keepdims=True)
+    np.testing.assert_allclose(alpha, expected_alpha, rtol=1e-5)
+    np.testing.assert_allclose(context, (expected_alpha[..., None] * f).sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_lstm_gates_follow_keras_order_and_forget_bias_is_one():
+    decoder, variables, _, _ = _decoder_and_inputs()
+    bias = np.asarray(variables['params']['lstm1']['bias'])
+    units = bias.shape[0] // 4
+    # Keras gate order i, f, c, o with unit_forget_bias: ones only in the f block.
+    np.testing.assert_array_equal(bias[units:2 * units], 1.0)
+    np.testing.assert_array_equal(np.delete(bias, np.s_[units:2 * units]), 0.0)
+
+
+@pytest.mark.parametrize('stage_sizes', [(1, 1), ()])
+def test_from_config_builds_the_configured_model(stage_sizes):
+    from configs import tiny
+    config = tiny.get_config()
+    config.model.encoder.stage_sizes = stage_sizes
+    model = captioner.from_config(config.model, vocab_size=17)
+    assert model.vocab_size == 17 and tuple(model.stage_sizes) == stage_sizes
+    assert model.units == config.model.units
