@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_test = 500
     config.data.build_seed = 0         # seed of the rendered scenes (not of training)
     config.data.max_words = 1000       # vocabulary size cap (the data set has fewer words)
-    config.data.max_len = 24           # tokens incl. <start> and <end>
+    config.data.max_len = 22           # tokens incl. <start> and <end>
     config.data.num_threads = 2        # grain reader threads
     config.data.prefetch = 8           # grain prefetch buffer (batches)
 
@@ -33,13 +33,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.encoder = ml_collections.ConfigDict()
     config.model.encoder.stage_sizes = (1, 1)
-    config.model.encoder.num_filters = 16
+    config.model.encoder.num_filters = 8
     config.model.encoder.preprocess = 'unit'
     config.model.embed_dim = 128
-    config.model.units = 256
-    config.model.attention_units = 128
+    config.model.units = 128
+    config.model.attention_units = 64
+    config.model.position_embedding = True   # spatial relations need to know where
     config.model.beam_size = 1         # 1 = greedy decoding
-    config.model.max_decode_len = 24   # tokens generated at most, <end> included
+    config.model.max_decode_len = 22   # tokens generated at most, <end> included
 
     # optim: Adam, masked cross-entropy.
     config.optim = ml_collections.ConfigDict()
@@ -51,8 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # train: steps and logging.
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 64
-    config.train.num_steps = 2500
+    config.train.batch_size = 32
+    config.train.num_steps = 3500
     config.train.log_every_steps = 100
 
     # eval: split, decoding and heatmaps after training.

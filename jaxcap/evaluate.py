@@ -25,8 +25,12 @@ class Evaluator:
         self.model, self.vocab, self.config = model, vocab, config
         self.decode = decode.make_decoder(model, config.model.max_decode_len, config.model.beam_size)
 
-    def caption_batches(self, variables, batches) -> list[dict[str, Any]]:
-        """Captions (and attention) for every valid row of every batch, in order."""
+    def caption_batches(self, variables, batches, keep_images: int | None = None) -> list[dict[str, Any]]:
+        """Captions (and attention) for every valid row of every batch, in order.
+
+        Only the first `keep_images` results (default: all) keep their image, for
+        heatmaps; a large split would otherwise hold every image in memory.
+        """
         results = []
         for batch in batches:
             out = self.decode(variables, batch['images'])
@@ -38,7 +42,8 @@ class Evaluator:
                     'caption': self.vocab.decode(tokens[row]),
                     'score': float(log_probs[row]),
                     'alpha': alphas[row, :length],
-                    'image': batch['images'][row],
+                    'image': batch['images'][row] if keep_images is None or len(results) < keep_images
+                    else None,
                     'references': batch['references'][row] if 'references' in batch else None,
                 })
         return results
@@ -48,7 +53,7 @@ class Evaluator:
         cfg = self.config
         batches = pipeline.eval_batches(source, cfg.eval.batch_size, cfg.data.image_size,
                                         cfg.eval.num_examples)
-        results = self.caption_batches(variables, batches)
+        results = self.caption_batches(variables, batches, keep_images=cfg.eval.num_heatmaps)
         log_samples(results)
         scores = metrics.score_captions({r['image_id']: r['references'] for r in results},
                                         {r['image_id']: r['caption'] for r in results})

@@ -149,3 +149,19 @@ def test_from_config_builds_the_configured_model(stage_sizes):
     model = captioner.from_config(config.model, vocab_size=17)
     assert model.vocab_size == 17 and tuple(model.stage_sizes) == stage_sizes
     assert model.units == config.model.units
+
+
+def test_position_embedding_tells_identical_regions_apart():
+    # Every grid cell holds the same feature vector: without a position
+    # embedding all regions are identical and attention must be uniform.
+    grid = jnp.ones((1, 3, 3, 5))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    for with_position, uniform in [(False, True), (True, False)]:
+        model = captioner.Captioner(vocab_size=7, stage_sizes=(), embed_dim=4, units=8,
+                                    attention_units=4, position_embedding=with_position)
+        variables = captioner.init_variables(model, 0, grid, tokens)
+        regions = model.apply(variables, grid, method=captioner.Captioner.encode)
+        assert regions.shape == (1, 9, 4)
+        _, alpha = model.apply(variables, grid, tokens)
+        assert np.allclose(alpha, 1 / 9, atol=1e-7) == uniform
+    assert variables['params']['position']['embedding'].shape == (9, 4)

@@ -15,6 +15,15 @@ from jaxcap.models.decoder import Decoder, DecoderState
 from jaxcap.models.resnet import ResNet
 
 
+class PositionEmbedding(nn.Module):
+    """Adds a learned vector per grid cell (the grid size is fixed by the first call)."""
+
+    @nn.compact
+    def __call__(self, regions_BxRxD):
+        table = self.param('embedding', nn.initializers.normal(0.02), regions_BxRxD.shape[1:])
+        return regions_BxRxD + table
+
+
 class Captioner(nn.Module):
     """ResNet grid -> Dense+ReLU regions -> attention LSTM decoder.
 
@@ -27,6 +36,9 @@ class Captioner(nn.Module):
       embed_dim: region feature and word embedding size (256 in the reference).
       units: LSTM units (512 in the reference).
       attention_units: W1/W2 size (512 in the reference).
+      position_embedding: add a learned embedding per grid cell to the region
+        features. The reference had none, so its context vector says what the
+        model looked at but not where; spatial words ("left of") need the where.
     """
     vocab_size: int
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -35,11 +47,14 @@ class Captioner(nn.Module):
     embed_dim: int = 256
     units: int = 512
     attention_units: int = 512
+    position_embedding: bool = False
 
     def setup(self):
         if self.stage_sizes:
             self.encoder = ResNet(tuple(self.stage_sizes), self.num_filters, name='encoder')
         self.project = nn.Dense(self.embed_dim, name='project')
+        if self.position_embedding:
+            self.position = PositionEmbedding(name='position')
         self.decoder = Decoder(self.vocab_size, self.embed_dim, self.units,
                                self.attention_units, name='decoder')
 
@@ -49,8 +64,9 @@ class Captioner(nn.Module):
             grid = self.encoder(image_ops.preprocess(images, self.preprocess), train=train)
         else:
             grid = images.astype(jnp.float32)
-        regions = grid.reshape(grid.shape[0], -1, grid.shape[-1])
-        return nn.relu(self.project(regions))
+        regions = nn.relu(self.project(grid.reshape(grid.shape[0], -1, grid.shape[-1])))
+        # After the ReLU, so that even a featureless region still says where it is.
+        return self.position(regions) if self.position_embedding else regions
 
     def decode(self, features_BxRxD, tokens_BxT, train: bool = False):
         """Teacher forcing over all steps: logits_BxTxV, alpha_BxTxR."""
@@ -81,7 +97,8 @@ def from_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> Cap
         preprocess=model_config.encoder.preprocess,
         embed_dim=model_config.embed_dim,
         units=model_config.units,
-        attention_units=model_config.attention_units)
+        attention_units=model_config.attention_units,
+        position_embedding=model_config.position_embedding)
 
 
 def init_variables(module: nn.Module, seed: int, *inputs, **kwargs):

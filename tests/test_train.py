@@ -1,0 +1,141 @@
+"""The loss and the train step: masking, a golden value, learning, and failure modes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from jaxcap import parallel, train
+from jaxcap.data import text
+from jaxcap.models import captioner
+
+VOCAB = 13
+
+
+@pytest.fixture(scope='module')
+def setup():
+    config = tiny.get_config()
+    model = captioner.from_config(config.model, VOCAB)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = train.initial_state(config, model, mesh)
+    rng = np.random.default_rng(0)
+    size, max_len = config.data.image_size, config.data.max_len
+    # Captions of different lengths: <start> w... <end> then padding.
+    tokens = np.zeros((4, max_len), np.int32)
+    for i, n in enumerate([3, 7, 10, 14]):
+        tokens[i, :n + 2] = [text.START, *rng.integers(4, VOCAB, n), text.END]
+    batch = {'images': rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8),
+             'tokens': tokens, 'mask': (tokens != text.PAD).astype(np.float32)}
+    return config, model, state, batch
+
+
+def _loss_and_grads(model, state, batch):
+    fn = jax.jit(jax.value_and_grad(
+        lambda p: train.compute_loss(p, state.batch_stats, batch, model, 0.0, False)[0]))
+    return fn(state.params)
+
+
+def test_padding_has_exactly_zero_effect_on_loss_and_gradients(setup):
+    _, model, state, batch = setup
+    loss, grads = _loss_and_grads(model, state, batch)
+    garbage = dict(batch)
+    pad = batch['mask'] == 0
+    # Random real words where the padding was: the mask still says "ignore".
+    garbage['tokens'] = np.where(pad, np.random.default_rng(1).integers(4, VOCAB, pad.shape),
+                                 batch['tokens']).astype(np.int32)
+    loss2, grads2 = _loss_and_grads(model, state, garbage)
+    assert float(loss) == float(loss2)
+    jax.tree.map(np.testing.assert_array_equal, grads, grads2)
+
+
+def test_loss_is_the_masked_mean_of_token_cross_entropy(setup):
+    _, model, state, batch = setup
+    loss = train.compute_loss(state.params, state.batch_stats, batch, model, 0.0, False)[0]
+    logits, _ = model.apply(state.variables(), batch['images'], batch['tokens'][:, :-1])
+    logits = np.asarray(logits, np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    targets, mask = batch['tokens'][:, 1:], batch['mask'][:, 1:]
+    nll = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    # 3 + 7 + 10 + 14 words, each followed by <end>: 38 predicted tokens.
+    assert mask.sum() == 38
+    np.testing.assert_allclose(loss, (nll * mask).sum() / 38, rtol=1e-5)
+
+
+def test_golden_first_step_loss(setup):
+    # If the model, its initialisation or the tiny config changes on purpose,
+    # update this value (print it from this test) and say so in the commit.
+    _, model, state, batch = setup
+    loss = float(train.compute_loss(state.params, state.batch_stats, batch, model, 0.0, True)[0])
+    # Freshly initialised, the logits are near zero: the loss is near ln(vocab).
+    assert abs(loss - np.log(VOCAB)) < 0.15
+    np.testing.assert_allclose(loss, GOLDEN_FIRST_LOSS, rtol=1e-5)
+
+
+GOLDEN_FIRST_LOSS = 2.549112319946289
+
+
+def test_steps_on_one_batch_drive_the_loss_down(setup):
+    config, model, state, batch = setup
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    step = train.jit_train_step(model, 0.0, mesh)
+    state = jax.tree.map(jnp.copy, state)  # the step donates its input
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
+        losses.append(float(metrics['loss']))
+    assert int(state.step) == 30
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_batch_stats_update_in_training_and_not_in_eval(setup):
+    _, model, state, batch = setup
+    _, (_, new_stats) = train.compute_loss(state.params, state.batch_stats, batch, model, 0.0, True)
+    _, (_, eval_stats) = train.compute_loss(state.params, state.batch_stats, batch, model, 0.0, False)
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.batch_stats, new_stats)
+    assert any(jax.tree.leaves(changed))
+    jax.tree.map(np.testing.assert_array_equal, state.batch_stats, eval_stats)
+
+
+def test_attention_penalty_is_zero_when_each_region_gets_total_weight_one():
+    # 2 steps over 2 regions: step 0 looks at region 0, step 1 at region 1.
+    alpha = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+    assert float(train.attention_penalty(alpha, jnp.ones((1, 2)))) == 0.0
+    # Masking step 1 leaves region 1 unattended: (1 - 0)^2 = 1.
+    assert float(train.attention_penalty(alpha, jnp.array([[1.0, 0.0]]))) == 1.0
+
+
+def test_nan_loss_fails_fast_with_advice():
+    with pytest.raises(train.NanLossError, match='step 7.*learning_rate'):
+        train.check_finite(7, {'loss': float('nan')})
+    train.check_finite(7, {'loss': 1.0})
+
+
+def test_batch_size_that_does_not_divide_the_devices_fails_clearly():
+    mesh = parallel.make_mesh()
+    assert mesh.size == 8  # conftest fakes 8 CPU devices
+    with pytest.raises(ValueError, match=r'batch_size=12 .* 8 devices.*=16 or 8'):
+        parallel.check_batch_size(12, mesh)
+    parallel.check_batch_size(16, mesh)
+
+
+def test_unknown_schedule_is_rejected():
+    config = tiny.get_config()
+    config.optim.decay = 'linear'
+    with pytest.raises(ValueError, match="optim.decay"):
+        train.make_optimizer(config.optim, 10)
+
+
+def test_data_parallel_step_equals_single_device_step(setup):
+    config, model, state, batch = setup
+    batch = {k: np.concatenate([v, v]) for k, v in batch.items()}  # 8 rows: one per device
+    one, eight = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()
+    s1, m1 = train.jit_train_step(model, 0.0, one)(jax.tree.map(jnp.copy, state),
+                                                   parallel.shard_batch(batch, one))
+    s8, m8 = train.jit_train_step(model, 0.0, eight)(parallel.replicate(state, eight),
+                                                     parallel.shard_batch(batch, eight))
+    np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+                 s1.params, s8.params)
