@@ -97,8 +97,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                                             attention_reg, True)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': ce, 'grad_norm': optax.global_norm(grads),
-               'update_norm': optax.global_norm(updates), 'param_norm': optax.global_norm(params)}
+    metrics = {'loss': ce, 'grad_norm': optax.tree.norm(grads),
+               'update_norm': optax.tree.norm(updates), 'param_norm': optax.tree.norm(params)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, metrics

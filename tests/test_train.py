@@ -74,19 +74,22 @@ def test_golden_first_step_loss(setup):
     np.testing.assert_allclose(loss, GOLDEN_FIRST_LOSS, rtol=1e-5)
 
 
-GOLDEN_FIRST_LOSS = 2.549112319946289
+GOLDEN_FIRST_LOSS = 2.5488014221191406
 
 
 def test_steps_on_one_batch_drive_the_loss_down(setup):
-    config, model, state, batch = setup
+    config, model, _, batch = setup
+    config = config.copy_and_resolve_references()
+    config.optim.decay = 'constant'   # tiny's cosine schedule ends after 6 steps
+    config.optim.learning_rate = 1e-2
     mesh = parallel.make_mesh(jax.devices()[:1])
     step = train.jit_train_step(model, 0.0, mesh)
-    state = jax.tree.map(jnp.copy, state)  # the step donates its input
+    state = train.initial_state(config, model, mesh)
     losses = []
-    for _ in range(30):
+    for _ in range(40):
         state, metrics = step(state, parallel.shard_batch(batch, mesh))
         losses.append(float(metrics['loss']))
-    assert int(state.step) == 30
+    assert int(state.step) == 40
     assert losses[-1] < 0.5 * losses[0], losses
 
 
