@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from jaxcap import decode, metrics, visualize
+from jaxcap import workdir as workdir_lib
 from jaxcap.data import pipeline, text
 
 
@@ -40,6 +40,8 @@ class Evaluator:
                 results.append({
                     'image_id': batch['image_ids'][row],
                     'caption': self.vocab.decode(tokens[row]),
+                    # One word per attention row, <end> included when it was generated.
+                    'words': [self.vocab.itos[t] for t in tokens[row, :length]],
                     'score': float(log_probs[row]),
                     'alpha': alphas[row, :length],
                     'image': batch['images'][row] if keep_images is None or len(results) < keep_images
@@ -58,16 +60,15 @@ class Evaluator:
         scores = metrics.score_captions({r['image_id']: r['references'] for r in results},
                                         {r['image_id']: r['caption'] for r in results})
         os.makedirs(out_dir, exist_ok=True)
-        _write_json(os.path.join(out_dir, f'{split}_metrics.json'), scores)
-        _write_json(os.path.join(out_dir, f'{split}_captions.json'),
+        workdir_lib.write_json(os.path.join(out_dir, f'{split}_metrics.json'), scores)
+        workdir_lib.write_json(os.path.join(out_dir, f'{split}_captions.json'),
                     [{'image_id': r['image_id'], 'caption': r['caption']} for r in results])
         for r in results[: cfg.eval.num_heatmaps]:
             self.save_heatmap(r, os.path.join(out_dir, 'heatmaps', f'{split}_{r["image_id"]}.png'))
         return scores
 
     def save_heatmap(self, result: dict[str, Any], path: str) -> str:
-        words = result['caption'].split() + [text.SPECIAL_TOKENS[text.END]]
-        return visualize.plot_attention(result['image'], words, result['alpha'],
+        return visualize.plot_attention(result['image'], result['words'], result['alpha'],
                                         square_grid(result['alpha'].shape[-1]), path,
                                         title=result['caption'])
 
@@ -84,13 +85,6 @@ def _caption_length(tokens: np.ndarray) -> int:
     """Generated tokens up to and including <end> (all of them if it never came)."""
     ends = np.flatnonzero(tokens == text.END)
     return int(ends[0]) + 1 if ends.size else len(tokens)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def format_table(scores: dict[str, float], title: str) -> str:

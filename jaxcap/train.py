@@ -15,8 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import metric_writers
+from tqdm import tqdm
 
-from jaxcap import parallel
+from jaxcap import checkpoint, evaluate, parallel
+from jaxcap import workdir as workdir_lib
+from jaxcap.data import pipeline
 from jaxcap.models import captioner
 
 
@@ -127,8 +131,8 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
 class Throughput:
     """Examples per second between two log points."""
 
-    def __init__(self, batch_size: int):
-        self.batch_size, self.last_time, self.last_step = batch_size, time.perf_counter(), 0
+    def __init__(self, batch_size: int, start_step: int):
+        self.batch_size, self.last_time, self.last_step = batch_size, time.perf_counter(), start_step
 
     def __call__(self, step: int) -> float:
         now = time.perf_counter()
@@ -139,7 +143,6 @@ class Throughput:
 
 def log_scalars(writer, step: int, metrics: dict[str, float]) -> None:
     """To TensorBoard, and one line on stderr (above the progress bar) on process 0."""
-    from tqdm import tqdm
     writer.write_scalars(step, metrics)
     if jax.process_index() == 0:
         tqdm.write(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
@@ -156,13 +159,10 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> 
 
 def run_training(config, model, state: TrainState, data_iterator, checkpointer, writer, mesh) -> TrainState:
     """Steps until `train.num_steps`, logging and checkpointing; returns the final state."""
-    from tqdm import tqdm  # progress bar on stderr, process 0 only
-
     step_fn = jit_train_step(model, config.optim.attention_reg, mesh)
     schedule = make_schedule(config.optim, config.train.num_steps)
     total, start = config.train.num_steps, int(state.step)
-    throughput = Throughput(config.train.batch_size)
-    throughput.last_step = start
+    throughput = Throughput(config.train.batch_size, start)
     bar = tqdm(total=total, initial=start, desc='train', disable=jax.process_index() > 0,
                dynamic_ncols=True, mininterval=2.0)
     for step in range(start + 1, total + 1):
@@ -188,12 +188,6 @@ def run_training(config, model, state: TrainState, data_iterator, checkpointer, 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates; returns the scores."""
-    from clu import metric_writers
-
-    from jaxcap import checkpoint, evaluate, workdir as workdir_lib
-    from jaxcap.data import pipeline
-    from jaxcap.models import captioner
-
     workdir_lib.prepare_training(workdir, config)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)

@@ -22,7 +22,7 @@ _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'ten
              'numpy', 'pycocoevalcap')
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     """Writes atomically, so a crash never leaves a half-written file behind."""
     tmp = f'{path}.tmp'
     with open(tmp, 'w') as f:
@@ -64,8 +64,8 @@ def prepare_training(workdir: str, config: ml_collections.ConfigDict) -> None:
     if os.path.exists(config_path):
         with open(config_path) as f:
             check_compatible(json.load(f), config, workdir)
-    _write_json(config_path, config_to_dict(config))
-    _write_json(os.path.join(workdir, RUN_INFO_FILE), run_info(config))
+    write_json(config_path, config_to_dict(config))
+    write_json(os.path.join(workdir, RUN_INFO_FILE), run_info(config))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

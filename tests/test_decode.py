@@ -1,0 +1,57 @@
+"""Greedy decoding on device agrees with teacher forcing of the same model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcap import decode
+from jaxcap.data import text
+from jaxcap.models import captioner
+
+VOCAB, MAX_LEN = 9, 6
+
+
+@pytest.fixture(scope='module')
+def model_and_variables():
+    model = captioner.Captioner(vocab_size=VOCAB, stage_sizes=(), embed_dim=8, units=16,
+                                attention_units=8, position_embedding=True)
+    features = jax.random.normal(jax.random.key(1), (5, 2, 2, 6))
+    variables = captioner.init_variables(model, 0, features, jnp.zeros((5, 3), jnp.int32))
+    # Make the random model confident, so argmax ties cannot blur the comparison.
+    variables['params']['decoder']['logits']['kernel'] *= 20.0
+    return model, variables, features
+
+
+def test_greedy_tokens_are_the_argmax_of_teacher_forcing_on_themselves(model_and_variables):
+    model, variables, features = model_and_variables
+    out = decode.make_decoder(model, MAX_LEN, beam_size=1)(variables, features)
+    tokens = np.asarray(out.tokens_BxL)
+    inputs = np.concatenate([np.full((5, 1), text.START), tokens[:, :-1]], axis=1)
+    logits, alpha = model.apply(variables, features, jnp.asarray(inputs, jnp.int32))
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    for row in range(5):
+        ends = np.flatnonzero(tokens[row] == text.END)
+        length = ends[0] + 1 if ends.size else MAX_LEN
+        np.testing.assert_array_equal(tokens[row, :length], log_p[row, :length].argmax(-1))
+        np.testing.assert_array_equal(tokens[row, length:], text.PAD)
+        expected = log_p[row, np.arange(length), tokens[row, :length]].sum()
+        np.testing.assert_allclose(out.log_prob_B[row], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.alpha_BxLxR[row, :length], alpha[row, :length], atol=1e-6)
+
+
+def test_decoding_stops_at_the_end_token(model_and_variables):
+    model, variables, features = model_and_variables
+    forced = jax.tree.map(lambda x: x, variables)
+    bias = forced['params']['decoder']['logits']['bias']
+    forced['params']['decoder']['logits']['bias'] = bias.at[text.END].set(1e4)
+    out = decode.greedy_decode(model, forced, features, MAX_LEN)
+    np.testing.assert_array_equal(out.tokens_BxL[:, 0], text.END)
+    np.testing.assert_array_equal(out.tokens_BxL[:, 1:], text.PAD)
+    np.testing.assert_allclose(out.log_prob_B, 0.0, atol=1e-4)
+
+
+def test_beam_search_is_refused_until_implemented(model_and_variables):
+    model, _, _ = model_and_variables
+    with pytest.raises(NotImplementedError, match='beam_size=1'):
+        decode.make_decoder(model, MAX_LEN, beam_size=3)
