@@ -13,14 +13,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+_REPO = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/shapes.py', 'Experiment config file; override fields with --config.a.b=v.',
+    'config', os.path.join(_REPO, 'configs', 'shapes.py'), 'Experiment config file; override fields with --config.a.b=v.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/shapes', 'Where checkpoints, logs and results go.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption'], 'What to do.')
 _IMAGES = flags.DEFINE_list('images', [], 'caption mode: image paths or globs, comma-separated.')
 _HEATMAPS_DIR = flags.DEFINE_string('heatmaps_dir', None, 'caption mode: where to save heatmaps.')
 _SPLIT = flags.DEFINE_string('split', None, 'eval mode: split to evaluate (default config.eval.split).')
+_TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show the full traceback of a failure.')
+
+# Failures that mean "fix the input": shown as one line, not a traceback.
+_USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError, NotImplementedError)
 
 
 def main(argv):
@@ -34,10 +39,21 @@ def main(argv):
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')
     import jax
-    from jaxcap import inference, train
 
     logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                  jax.devices())
+    try:
+        run()
+    except _USER_ERRORS as e:
+        if _TRACEBACK.value:
+            raise
+        sys.exit(f'jaxcap: error: {e}\n(run with --traceback for the full traceback)')
+
+
+def run():
+    """Dispatches on --mode."""
+    from jaxcap import inference, train
+
     if _MODE.value == 'train':
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == 'eval':
@@ -50,5 +66,5 @@ def main(argv):
 
 if __name__ == '__main__':
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `configs` importable
+    sys.path.insert(0, _REPO)  # `configs` importable from any working directory
     app.run(main)

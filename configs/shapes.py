@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.position_embedding = True   # spatial relations need to know where
     config.model.beam_size = 1         # 1 = greedy decoding
     config.model.max_decode_len = 22   # tokens generated at most, <end> included
+    config.model.length_penalty = 'gnmt'        # beam ranking: 'none', 'gnmt' or 'average'
+    config.model.length_penalty_alpha = 0.6     # the 'gnmt' exponent (Wu et al. 2016)
+    config.model.block_repeated_trigrams = False  # beam search: no trigram twice in a caption
 
     # optim: Adam, masked cross-entropy.
     config.optim = ml_collections.ConfigDict()

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves every `every_steps` steps (and on demand), keeps the newest `max_to_keep`."""
+    """Keeps the newest `max_to_keep` checkpoints; the loop saves every `every_steps` steps."""
 
     def __init__(self, directory: str, every_steps: int, max_to_keep: int):
         if every_steps <= 0:
@@ -47,10 +47,8 @@ class Checkpointer:
                 f'model ({e}). Use a new --workdir, or the config the checkpoint was made with.') from e
         return restored['state']
 
-    def maybe_save(self, step: int, state: Any, data_iterator: Any | None, force: bool = False) -> bool:
-        """Saves at multiples of `every_steps` (or when forced); True if it saved."""
-        if not force and step % self.every_steps:
-            return False
+    def save(self, step: int, state: Any, data_iterator: Any | None) -> bool:
+        """Saves `step` unless it is already saved (a resumed run's first step); True if it saved."""
         if step in self.manager.all_steps():
             return False
         items = {'state': ocp.args.StandardSave(state)}

@@ -1,7 +1,8 @@
-"""Decoding on device: the whole caption in one jitted `lax.while_loop`, no host round trips."""
+"""Decoding on device (greedy or beam search): the whole caption in one jitted `lax.while_loop`."""
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -10,12 +11,15 @@ from flax import linen as nn
 
 from jaxcap.data import text
 from jaxcap.models.captioner import Captioner
+from jaxcap.models.decoder import DecoderState
 
 
 class Decoded(NamedTuple):
     tokens_BxL: jax.Array      # generated ids, <end> included, <pad> after it
     alpha_BxLxR: jax.Array     # attention weights of each generated token
-    log_prob_B: jax.Array      # sum of log-probabilities of the generated tokens
+    # Sum of log-probabilities of the generated tokens: raw, never length-penalised
+    # (beam search ranks by `penalised_score`, which is computed from it).
+    log_prob_B: jax.Array
 
 
 def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
@@ -46,10 +50,287 @@ def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
     return Decoded(tokens, alphas, log_prob)
 
 
-def make_decoder(model: nn.Module, max_len: int, beam_size: int):
-    """A jitted `(variables, images) -> Decoded` for the configured decoding method."""
-    if beam_size != 1:
-        raise NotImplementedError(
-            f'model.beam_size={beam_size}: beam search is not implemented yet; use '
-            '--config.model.beam_size=1 (greedy).')
-    return jax.jit(lambda variables, images: greedy_decode(model, variables, images, max_len))
+
+# ---------------------------------------------------------------------------
+# Beam search.
+
+LENGTH_PENALTIES = ('none', 'gnmt', 'average')
+# Beam search never emits these: a <pad> or <start> inside a caption means nothing.
+_NEVER_EMITTED = (text.PAD, text.START)
+
+
+class _Hypotheses(NamedTuple):
+    """K hypotheses per image (alive ones, or finished ones, best first)."""
+    tokens_BxKxL: jax.Array    # <pad> after the last generated token
+    alpha_BxKxLxR: jax.Array   # zeros after the last generated token
+    log_prob_BxK: jax.Array    # raw sum of log-probabilities; -inf marks an empty slot
+    score_BxK: jax.Array       # length-penalised log_prob (finished); = log_prob (alive)
+
+
+def check_settings(max_len: int, beam_size: int, length_penalty: str, alpha: float) -> None:
+    """Raises ValueError, naming the config key, for settings decoding cannot use."""
+    if not isinstance(beam_size, numbers.Integral) or beam_size < 1:
+        raise ValueError(f'model.beam_size must be an integer >= 1 (1 = greedy), got {beam_size!r}.')
+    if length_penalty not in LENGTH_PENALTIES:
+        raise ValueError(f'model.length_penalty must be one of {LENGTH_PENALTIES}, '
+                         f'got {length_penalty!r}.')
+    # A negative exponent would make the penalty shrink with length, which breaks
+    # the early-stopping bound of `beam_search` (and rewards short captions).
+    if not alpha >= 0:
+        raise ValueError(f'model.length_penalty_alpha must be >= 0, got {alpha!r}.')
+    if not isinstance(max_len, numbers.Integral) or max_len < 1:
+        raise ValueError(f'model.max_decode_len must be an integer >= 1, got {max_len!r}.')
+
+
+def length_normaliser(length, length_penalty: str, alpha: float) -> jax.Array:
+    """The divisor of the summed log-probability: 1, ((5 + n) / 6) ** alpha or n.
+
+    `length` counts generated tokens, <end> included. Every option is positive and
+    non-decreasing in the length, which the early-stopping bound relies on.
+    """
+    length = jnp.asarray(length, jnp.float32)
+    if length_penalty == 'gnmt':   # Wu et al. 2016, eq. 14
+        return ((5.0 + length) / 6.0) ** alpha
+    if length_penalty == 'average':
+        return length
+    return jnp.ones_like(length)
+
+
+def caption_mask(tokens_BxL: jax.Array) -> jax.Array:
+    """True for the tokens of each caption: up to and including the first <end>.
+
+    A caption without <end> (cut at max_len, or a padded reference) runs to its
+    first <pad>.
+    """
+    is_end_BxL = tokens_BxL == text.END
+    ended_before_BxL = (jnp.cumsum(is_end_BxL, axis=1) - is_end_BxL) > 0
+    padded_BxL = jnp.cumsum(tokens_BxL == text.PAD, axis=1) > 0
+    return ~ended_before_BxL & ~padded_BxL
+
+
+def penalised_score(log_prob_B: jax.Array, tokens_BxL: jax.Array, length_penalty: str = 'gnmt',
+                    alpha: float = 0.6) -> jax.Array:
+    """The score beam search ranks captions by: log_prob_B / length_normaliser(length)."""
+    length_B = jnp.sum(caption_mask(tokens_BxL), axis=1)
+    return log_prob_B / length_normaliser(length_B, length_penalty, alpha)
+
+
+def sequence_log_prob(model: Captioner, variables, images, tokens_BxL: jax.Array) -> jax.Array:
+    """Sum of the log-probabilities of given captions under teacher forcing.
+
+    The decoder is fed <start> + tokens[:-1]; the tokens counted are those of
+    `caption_mask` (up to and including the first <end>; <pad> after it ignored).
+    """
+    tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
+    features_BxRxD = model.apply(variables, images, method=Captioner.encode)
+    start_Bx1 = jnp.full((tokens_BxL.shape[0], 1), text.START, jnp.int32)
+    inputs_BxL = jnp.concatenate([start_Bx1, tokens_BxL[:, :-1]], axis=1)
+    logits_BxLxV, _ = model.apply(variables, features_BxRxD, inputs_BxL, method=Captioner.decode)
+    log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV)
+    log_p_BxL = jnp.take_along_axis(log_p_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(caption_mask(tokens_BxL), log_p_BxL, 0.0), axis=1)
+
+
+def _take(x_BxKx, index_BxJ):
+    """x[b, index[b, j]] for every b, j: reorders the beams of each image."""
+    return jax.vmap(lambda x, i: x[i])(x_BxKx, index_BxJ)
+
+
+def _repeated_trigram_mask(tokens_NxL, t, vocab_size: int) -> jax.Array:
+    """True for each token w such that (tokens[t-2], tokens[t-1], w) already occurs in tokens[:t]."""
+    length = tokens_NxL.shape[1]
+    if length < 3:
+        return jnp.zeros((tokens_NxL.shape[0], vocab_size), bool)
+    prev2_N = tokens_NxL[:, jnp.maximum(t - 2, 0)]
+    prev1_N = tokens_NxL[:, jnp.maximum(t - 1, 0)]
+    # Trigram j is tokens[j:j+3]; only those complete before position t count.
+    complete_J = jnp.arange(length - 2) + 2 < t
+    match_NxJ = ((tokens_NxL[:, :-2] == prev2_N[:, None]) & (tokens_NxL[:, 1:-1] == prev1_N[:, None])
+                 & complete_J)
+    third_NxJxV = tokens_NxL[:, 2:, None] == jnp.arange(vocab_size)
+    return jnp.any(match_NxJ[..., None] & third_NxJxV, axis=1)
+
+
+def _step_log_probs(model, variables, state, alive, t, features, keys, block_repeated_trigrams):
+    """Runs the decoder on every alive beam: (new state, log_p_BxKxV, alpha_BxKxR)."""
+    batch, beams, max_len = alive.tokens_BxKxL.shape
+    tokens_NxL = alive.tokens_BxKxL.reshape(batch * beams, max_len)
+    last_N = jnp.where(t == 0, text.START, tokens_NxL[:, jnp.maximum(t - 1, 0)])
+    state, logits_NxV, alpha_NxR = model.apply(variables, state, last_N, features, keys,
+                                               method=Captioner.step)
+    vocab = logits_NxV.shape[-1]
+    # Masked after the softmax, not renormalised: scores stay the model's own
+    # log-probabilities, which `sequence_log_prob` reproduces.
+    log_p_NxV = jax.nn.log_softmax(logits_NxV).at[:, _NEVER_EMITTED].set(-jnp.inf)
+    if block_repeated_trigrams:
+        log_p_NxV = jnp.where(_repeated_trigram_mask(tokens_NxL, t, vocab), -jnp.inf, log_p_NxV)
+    return (state, log_p_NxV.reshape(batch, beams, vocab),
+            alpha_NxR.reshape(batch, beams, alpha_NxR.shape[-1]))
+
+
+class _Candidates(NamedTuple):
+    """The 2K best one-token extensions of the alive beams of each image, best first."""
+    tokens_Bx2KxL: jax.Array
+    log_prob_Bx2K: jax.Array
+    parent_Bx2K: jax.Array      # the alive beam each one extends
+    alpha_BxKxLxR: jax.Array    # the alive beams' attention, step t included (by parent)
+
+
+def _expand(alive: _Hypotheses, alpha_BxKxR, log_p_BxKxV, t, beams: int) -> _Candidates:
+    """The 2K best extensions: at most K end in <end> (one per parent), so at least K continue."""
+    batch, _, vocab = log_p_BxKxV.shape
+    total_BxKV = (alive.log_prob_BxK[..., None] + log_p_BxKxV).reshape(batch, -1)
+    log_prob_Bx2K, flat_Bx2K = jax.lax.top_k(total_BxKV, 2 * beams)
+    parent_Bx2K, token_Bx2K = flat_Bx2K // vocab, (flat_Bx2K % vocab).astype(jnp.int32)
+    tokens_Bx2KxL = _take(alive.tokens_BxKxL, parent_Bx2K).at[:, :, t].set(token_Bx2K)
+    # The attention of step t belongs to the parent that ran it. The histories are
+    # only gathered for the candidates kept (`_pick`): they are the bulky part.
+    alpha_BxKxLxR = alive.alpha_BxKxLxR.at[:, :, t].set(alpha_BxKxR)
+    return _Candidates(tokens_Bx2KxL, log_prob_Bx2K, parent_Bx2K, alpha_BxKxLxR)
+
+
+def _pick(cand: _Candidates, index_BxJ, log_prob_BxJ, score_BxJ) -> _Hypotheses:
+    """The candidates at index_BxJ, with the given log-probabilities and scores."""
+    alpha_BxJxLxR = _take(cand.alpha_BxKxLxR, _take(cand.parent_Bx2K, index_BxJ))
+    return _Hypotheses(_take(cand.tokens_Bx2KxL, index_BxJ), alpha_BxJxLxR, log_prob_BxJ, score_BxJ)
+
+
+def _top(hyps: _Hypotheses, score_BxJ, beams: int) -> _Hypotheses:
+    """The `beams` hypotheses with the best score_BxJ, best first."""
+    _, index_BxK = jax.lax.top_k(score_BxJ, beams)
+    return jax.tree.map(lambda x: _take(x, index_BxK), hyps)
+
+
+def _next_alive(cand: _Candidates, state: DecoderState, t, beams: int):
+    """The K best candidates that do not end in <end>, and the decoder state they continue from."""
+    is_end_Bx2K = cand.tokens_Bx2KxL[:, :, t] == text.END
+    live_Bx2K = jnp.where(is_end_Bx2K, -jnp.inf, cand.log_prob_Bx2K)
+    # -inf marks a dead beam (fewer than K live candidates): it can never win.
+    live_BxK, index_BxK = jax.lax.top_k(live_Bx2K, beams)
+    alive = _pick(cand, index_BxK, live_BxK, live_BxK)
+    parent_BxK = _take(cand.parent_Bx2K, index_BxK)
+    batch = parent_BxK.shape[0]
+    state = jax.tree.map(
+        lambda s: _take(s.reshape(batch, beams, -1), parent_BxK).reshape(batch * beams, -1), state)
+    return alive, state
+
+
+def _finish(finished: _Hypotheses, cand: _Candidates, t, max_len: int, beams: int,
+            length_penalty: str, alpha: float) -> _Hypotheses:
+    """Merges the candidates that end here into the K best finished hypotheses.
+
+    A candidate ends here if it emits <end>, or if this is the last step (cut at
+    max_len), and only if it ranks among the step's K best: then K=1 is exactly
+    greedy, and unlikely early <end>s do not crowd the finished set (as fairseq).
+    """
+    index_BxK = jnp.broadcast_to(jnp.arange(beams), (finished.score_BxK.shape[0], beams))
+    ends_BxK = (_take(cand.tokens_Bx2KxL[:, :, t], index_BxK) == text.END) | (t == max_len - 1)
+    log_prob_BxK = jnp.where(ends_BxK, cand.log_prob_Bx2K[:, :beams], -jnp.inf)
+    score_BxK = log_prob_BxK / length_normaliser(t + 1, length_penalty, alpha)
+    ending = _pick(cand, index_BxK, log_prob_BxK, score_BxK)
+    # Old hypotheses first: top_k keeps the lower index on ties, so a tie never
+    # replaces a hypothesis already found.
+    merged = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), finished, ending)
+    return _top(merged, merged.score_BxK, beams)
+
+
+def _cannot_improve(alive: _Hypotheses, finished: _Hypotheses, max_len: int, length_penalty: str,
+                    alpha: float) -> jax.Array:
+    """done_B: no extension of an alive beam can enter the finished set any more.
+
+    Log-probabilities only decrease as a hypothesis grows, and every normaliser is
+    positive and non-decreasing in the length n <= max_len, so an extension of a
+    beam with log_p <= 0 scores at most log_p / norm(n) <= log_p / norm(max_len).
+    For 'none' this is the usual rule; for 'gnmt' and 'average' it is the bound of
+    the longest possible caption, so stopping on it never changes the result.
+    While the finished set has an empty slot its worst score is -inf, so the
+    search goes on (unless every alive beam is dead, when nothing can come).
+    """
+    bound_B = jnp.max(alive.log_prob_BxK, axis=1) / length_normaliser(max_len, length_penalty, alpha)
+    return bound_B <= finished.score_BxK[:, -1]
+
+
+def _empty_hypotheses(batch: int, beams: int, max_len: int, regions: int) -> _Hypotheses:
+    empty_BxK = jnp.full((batch, beams), -jnp.inf, jnp.float32)
+    return _Hypotheses(jnp.full((batch, beams, max_len), text.PAD, jnp.int32),
+                       jnp.zeros((batch, beams, max_len, regions), jnp.float32), empty_BxK, empty_BxK)
+
+
+def beam_search(model: Captioner, variables, images, max_len: int, beam_size: int,
+                length_penalty: str = 'gnmt', alpha: float = 0.6,
+                block_repeated_trigrams: bool = False) -> Decoded:
+    """Batched beam search in one `lax.while_loop`; jittable with all but variables/images static.
+
+    Each step extends the K alive beams of every image by every token (never
+    <pad> or <start>), keeps the 2K best, moves those that emit <end> and rank in
+    the K best into a finished set of size K (ranked by the length-penalised
+    score) and keeps the K best others alive. At max_len the K best cut
+    hypotheses finish too, so a caption is always returned, with or without
+    <end>. An image is done when no alive beam can beat its worst finished one
+    (see `_cannot_improve`); the loop ends when every image is done or at max_len.
+
+    Args:
+      model: the captioner.
+      variables: its variables.
+      images: images, or cached grids, as `Captioner.encode` takes them (batch B).
+      max_len: tokens generated at most, <end> included.
+      beam_size: K, the beams kept per image.
+      length_penalty: 'none' (sum of log-probabilities), 'gnmt' (sum / ((5 + n) / 6)
+        ** alpha, Wu et al. 2016) or 'average' (sum / n); n counts generated
+        tokens, <end> included.
+      alpha: the 'gnmt' exponent.
+      block_repeated_trigrams: give -inf to any token that would repeat a trigram
+        already in the hypothesis.
+
+    Returns:
+      The best finished hypothesis of each image: tokens (<end> included, <pad>
+      after), the attention of every generated token, and `log_prob_B`, the RAW
+      sum of log-probabilities of those tokens (what `sequence_log_prob` gives);
+      the score it was ranked by is `penalised_score(log_prob_B, tokens_BxL, ...)`.
+    """
+    check_settings(max_len, beam_size, length_penalty, alpha)
+    beams = beam_size
+    features_BxRxD = model.apply(variables, images, method=Captioner.encode)
+    state, keys_BxRxA = model.apply(variables, features_BxRxD, method=Captioner.start)
+    batch, regions = features_BxRxD.shape[:2]
+    # Encoded and projected (W1) once per image, then shared by its K beams.
+    tile = lambda x: jnp.repeat(x, beams, axis=0)  # noqa: E731
+    features_NxRxD, keys_NxRxA, state = tile(features_BxRxD), tile(keys_BxRxA), jax.tree.map(tile, state)
+    empty = _empty_hypotheses(batch, beams, max_len, regions)
+    # One live beam per image at first: the others would only duplicate it.
+    start_BxK = empty.log_prob_BxK.at[:, 0].set(0.0)
+    alive = empty._replace(log_prob_BxK=start_BxK, score_BxK=start_BxK)
+
+    def cond(carry):
+        t, _, _, _, done_B = carry
+        return (t < max_len) & ~jnp.all(done_B)
+
+    def body(carry):
+        t, alive, state, finished, _ = carry
+        state, log_p_BxKxV, alpha_BxKxR = _step_log_probs(
+            model, variables, state, alive, t, features_NxRxD, keys_NxRxA, block_repeated_trigrams)
+        cand = _expand(alive, alpha_BxKxR, log_p_BxKxV, t, beams)
+        alive, state = _next_alive(cand, state, t, beams)
+        finished = _finish(finished, cand, t, max_len, beams, length_penalty, alpha)
+        done_B = _cannot_improve(alive, finished, max_len, length_penalty, alpha)
+        return t + 1, alive, state, finished, done_B
+
+    init = (jnp.int32(0), alive, state, empty, jnp.zeros((batch,), bool))
+    _, _, _, finished, _ = jax.lax.while_loop(cond, body, init)
+    return Decoded(finished.tokens_BxKxL[:, 0], finished.alpha_BxKxLxR[:, 0], finished.log_prob_BxK[:, 0])
+
+
+def make_decoder(model: nn.Module, max_len: int, beam_size: int, length_penalty: str = 'gnmt',
+                 alpha: float = 0.6, block_repeated_trigrams: bool = False):
+    """A jitted `(variables, images) -> Decoded`: greedy for beam_size 1, else beam search.
+
+    Raises:
+      ValueError: naming the config key (`model.beam_size`, `model.length_penalty`,
+        ...) of a setting decoding cannot use.
+    """
+    # Checked for greedy too: a typo in the config should fail before a long run.
+    check_settings(max_len, beam_size, length_penalty, alpha)
+    if beam_size == 1:
+        return jax.jit(lambda variables, images: greedy_decode(model, variables, images, max_len))
+    return jax.jit(lambda variables, images: beam_search(
+        model, variables, images, max_len, beam_size, length_penalty, alpha, block_repeated_trigrams))

@@ -23,7 +23,10 @@ class Evaluator:
 
     def __init__(self, model, vocab: text.Vocabulary, config):
         self.model, self.vocab, self.config = model, vocab, config
-        self.decode = decode.make_decoder(model, config.model.max_decode_len, config.model.beam_size)
+        self.decode = decode.make_decoder(
+            model, config.model.max_decode_len, config.model.beam_size,
+            length_penalty=config.model.length_penalty, alpha=config.model.length_penalty_alpha,
+            block_repeated_trigrams=config.model.block_repeated_trigrams)
 
     def caption_batches(self, variables, batches, keep_images: int | None = None) -> list[dict[str, Any]]:
         """Captions (and attention) for every valid row of every batch, in order.

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -145,7 +148,8 @@ def log_scalars(writer, step: int, metrics: dict[str, float]) -> None:
     """To TensorBoard, and one line on stderr (above the progress bar) on process 0."""
     writer.write_scalars(step, metrics)
     if jax.process_index() == 0:
-        tqdm.write(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
+        tqdm.write(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()),
+                   file=sys.stderr)  # stdout is for results (the table, caption JSON lines)
 
 
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> TrainState:
@@ -157,7 +161,8 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> 
     return parallel.replicate(create_train_state(model, tx, config.seed, images, tokens), mesh)
 
 
-def run_training(config, model, state: TrainState, data_iterator, checkpointer, writer, mesh) -> TrainState:
+def run_training(config, model, state: TrainState, data_iterator, checkpointer, writer, mesh,
+                 preemption: 'PreemptionGuard') -> TrainState:
     """Steps until `train.num_steps`, logging and checkpointing; returns the final state."""
     step_fn = jit_train_step(model, config.optim.attention_reg, mesh)
     schedule = make_schedule(config.optim, config.train.num_steps)
@@ -177,12 +182,37 @@ def run_training(config, model, state: TrainState, data_iterator, checkpointer, 
             host['learning_rate'] = float(schedule(step - 1))  # the rate step used
             log_scalars(writer, step, host)
             bar.set_postfix(loss=f'{host["loss"]:.3f}', ex_s=f'{host["examples_per_s"]:.0f}')
-        if step % checkpointer.every_steps == 0 or is_last:
+        if step % checkpointer.every_steps == 0 or is_last or preemption.requested:
             # Never checkpoint a diverged state: the check costs one sync per save.
             check_finite(step, {'loss': float(metrics['loss'])})
-            checkpointer.maybe_save(step, state, data_iterator, force=is_last)
+            checkpointer.save(step, state, data_iterator)
+        if preemption.requested:
+            checkpointer.close()
+            raise SystemExit(f'Stopped by {preemption.requested} at step {step}; saved a checkpoint. '
+                             'Run the same command again to resume.')
     bar.close()
     return state
+
+
+class PreemptionGuard:
+    """Records SIGTERM (how clusters preempt jobs) so the loop can checkpoint and stop."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 
@@ -208,7 +238,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info('Resumed from %s at step %d.', workdir, int(state.step))
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams(_flat_hparams(config))
-    state = run_training(config, model, state, data_iterator, checkpointer, writer, mesh)
+    with PreemptionGuard() as preemption:
+        state = run_training(config, model, state, data_iterator, checkpointer, writer, mesh,
+                             preemption)
     checkpointer.close()
     scores = evaluate.evaluate_split(config, model, vocab, state.variables(), workdir,
                                      writer=writer, step=int(state.step))

@@ -17,7 +17,8 @@ CONFIG_FILE, VOCAB_FILE, RUN_INFO_FILE = 'config.json', 'vocab.json', 'run_info.
 # Sections whose change makes a saved workdir a different experiment.
 _FROZEN_SECTIONS = ('model', 'data')
 # Fields that may differ on resume: they change speed or bookkeeping, not the results.
-_FREE_FIELDS = ('data.num_threads', 'data.prefetch', 'data.tfds_dir', 'model.beam_size')
+_FREE_FIELDS = ('data.num_threads', 'data.prefetch', 'data.tfds_dir', 'model.beam_size',
+                'model.length_penalty', 'model.length_penalty_alpha', 'model.block_repeated_trigrams')
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tensorflow-datasets',
              'numpy', 'pycocoevalcap')
 

@@ -50,8 +50,3 @@ def test_decoding_stops_at_the_end_token(model_and_variables):
     np.testing.assert_array_equal(out.tokens_BxL[:, 1:], text.PAD)
     np.testing.assert_allclose(out.log_prob_B, 0.0, atol=1e-4)
 
-
-def test_beam_search_is_refused_until_implemented(model_and_variables):
-    model, _, _ = model_and_variables
-    with pytest.raises(NotImplementedError, match='beam_size=1'):
-        decode.make_decoder(model, MAX_LEN, beam_size=3)

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -124,3 +125,23 @@ def test_a_config_typo_fails_naming_the_key(tmp_path):
     assert result.returncode != 0
     assert 'batch_sise' in result.stderr
     assert not os.listdir(tmp_path)   # nothing written
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_stops(tmp_path):
+    workdir = tmp_path / 'run'
+    command = [sys.executable, 'launch.py', '--config=configs/tiny.py', f'--workdir={workdir}',
+               f'--config.data.tfds_dir={tmp_path / "tfds"}', '--config.train.num_steps=100000',
+               '--config.ckpt.every_steps=100000', '--config.train.log_every_steps=5']
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:   # wait until training is under way
+        if 'step 10:' in line:      # the progress bar's '\r' updates share the line
+            break
+    else:
+        pytest.fail('training never reached step 10')
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert 'Stopped by SIGTERM' in err
+    saved = [int(s) for s in os.listdir(workdir / 'checkpoints')]
+    assert len(saved) == 1 and 10 <= saved[0] < 100000
+    assert f'at step {saved[0]}' in err
