@@ -1,10 +1,12 @@
 """jaxcap entry point.
 
     python launch.py [--config=configs/shapes.py] [--workdir=runs/shapes] [--config.a.b=value ...]
-                     [--mode=train|eval|caption] [--images=a.png,dir/*.jpg] [--heatmaps_dir=DIR]
+                     [--mode=train|eval|caption|convert] [--images=a.png,dir/*.jpg] [--heatmaps_dir=DIR]
+                     [--beam_size=K] [--weights=PATH|imagenet --output=PATH]
 
 `train` resumes from --workdir when it holds checkpoints, then evaluates; `eval` and
-`caption` use the workdir's saved config, vocabulary and latest checkpoint.
+`caption` use the workdir's saved config, vocabulary and latest checkpoint; `convert`
+turns Keras ResNet-50 weights into Flax variables.
 """
 
 import os
@@ -18,14 +20,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(_REPO, 'configs', 'shapes.py'), 'Experiment config file; override fields with --config.a.b=v.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/shapes', 'Where checkpoints, logs and results go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'convert'], 'What to do.')
 _IMAGES = flags.DEFINE_list('images', [], 'caption mode: image paths or globs, comma-separated.')
 _HEATMAPS_DIR = flags.DEFINE_string('heatmaps_dir', None, 'caption mode: where to save heatmaps.')
 _SPLIT = flags.DEFINE_string('split', None, 'eval mode: split to evaluate (default config.eval.split).')
+_BEAM_SIZE = flags.DEFINE_integer('beam_size', None, 'eval/caption: beam width (default: the config).')
+_WEIGHTS = flags.DEFINE_string('weights', None, "convert: a Keras ResNet-50 .h5 file, or 'imagenet'.")
+_OUTPUT = flags.DEFINE_string('output', None, 'convert: where to write the Flax variables.')
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show the full traceback of a failure.')
 
 # Failures that mean "fix the input": shown as one line, not a traceback.
-_USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError, NotImplementedError)
+_USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError, NotImplementedError, RuntimeError)
 
 
 def main(argv):
@@ -57,11 +62,17 @@ def run():
     if _MODE.value == 'train':
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == 'eval':
-        inference.evaluate_workdir(_WORKDIR.value, _SPLIT.value)
-    else:
+        inference.evaluate_workdir(_WORKDIR.value, _SPLIT.value, _BEAM_SIZE.value)
+    elif _MODE.value == 'caption':
         if not _IMAGES.value:
             raise app.UsageError('--mode=caption needs --images=PATH[,PATH...] (globs allowed).')
-        inference.caption_images(_WORKDIR.value, _IMAGES.value, _HEATMAPS_DIR.value)
+        inference.caption_images(_WORKDIR.value, _IMAGES.value, _HEATMAPS_DIR.value,
+                                 beam_size=_BEAM_SIZE.value)
+    else:
+        if not (_WEIGHTS.value and _OUTPUT.value):
+            raise app.UsageError('--mode=convert needs --weights=PATH|imagenet and --output=PATH.')
+        from jaxcap import weights
+        print(weights.convert(_WEIGHTS.value, _OUTPUT.value))
 
 
 if __name__ == '__main__':

@@ -15,9 +15,14 @@ from jaxcap.data import images as image_ops
 from jaxcap.models import captioner
 
 
-def restore(workdir: str):
-    """(config, vocab, model, variables) of a trained workdir's latest checkpoint."""
+def restore(workdir: str, beam_size: int | None = None):
+    """(config, vocab, model, variables) of a trained workdir's latest checkpoint.
+
+    `beam_size`, if given, replaces the config's decoding beam width.
+    """
     config = workdir_lib.load_config(workdir)
+    if beam_size is not None:
+        config.model.beam_size = beam_size
     vocab = workdir_lib.load_vocab(workdir)
     model = captioner.from_config(config.model, len(vocab))
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
@@ -31,8 +36,9 @@ def restore(workdir: str):
     return config, vocab, model, state.variables()
 
 
-def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, float]:
-    config, vocab, model, variables = restore(workdir)
+def evaluate_workdir(workdir: str, split: str | None = None,
+                     beam_size: int | None = None) -> dict[str, float]:
+    config, vocab, model, variables = restore(workdir, beam_size)
     return evaluate.evaluate_split(config, model, vocab, variables, workdir, split=split)
 
 
@@ -47,13 +53,13 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
 
 
 def caption_images(workdir: str, patterns: Sequence[str], heatmaps_dir: str | None = None,
-                   out=sys.stdout) -> list[dict]:
+                   out=sys.stdout, beam_size: int | None = None) -> list[dict]:
     """Prints one JSON line per image: {"image", "caption", "score"} or {"image", "error"}.
 
     A file that cannot be read as an image gets an error line; the others are
     still captioned.
     """
-    config, vocab, model, variables = restore(workdir)
+    config, vocab, model, variables = restore(workdir, beam_size)
     evaluator = evaluate.Evaluator(model, vocab, config)
     paths = expand_paths(patterns)
     lines: list[dict] = [{'image': p} for p in paths]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from jaxcap import inference, metrics, train
+from jaxcap import decode, inference, metrics, train
 from jaxcap.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,3 +145,18 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_stops(tmp_path):
     saved = [int(s) for s in os.listdir(workdir / 'checkpoints')]
     assert len(saved) == 1 and 10 <= saved[0] < 100000
     assert f'at step {saved[0]}' in err
+
+
+def test_beam_search_from_the_command_line_flags(trained, tmp_path):
+    config, workdir, _ = trained
+    record = pipeline.load_source(config.data, 'test')[1]
+    image = tmp_path / 'scene.png'
+    Image.fromarray(np.asarray(record['image'])).save(image)
+    out = io.StringIO()
+    [line] = inference.caption_images(workdir, [str(image)], out=out, beam_size=3)
+    # The score is the caption's own log-probability under the model.
+    _, vocab, model, variables = inference.restore(workdir)
+    tokens = np.asarray(vocab.encode(line['caption'], config.model.max_decode_len + 1)[1:])[None]
+    image_batch = pipeline._sized(np.asarray(record['image']), config.data.image_size)[None]
+    expected = decode.sequence_log_prob(model, variables, image_batch, tokens)
+    np.testing.assert_allclose(line['score'], float(expected[0]), rtol=1e-4, atol=1e-4)
