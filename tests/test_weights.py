@@ -83,14 +83,26 @@ def _strip_layer_names(path):
 
 
 def _save_official_layout(keras_model, path):
-    """Writes the legacy layout exactly as the official ImageNet file has it, via tf_keras."""
-    tf_keras = pytest.importorskip('tf_keras')
-    legacy = tf_keras.applications.ResNet50(weights=None, include_top=False,
-                                            input_shape=(None, None, 3))
-    for layer in legacy.layers:
-        if layer.weights:
-            layer.set_weights(keras_model.get_layer(layer.name).get_weights())
-    legacy.save_weights(path)
+    """Writes the legacy layout of the official ImageNet `..._notop.h5` by hand with h5py.
+
+    That file (written by Keras 2) has a root `layer_names` attribute listing
+    every layer, and per layer a group with a `weight_names` attribute and the
+    datasets at `<layer>/<layer>/<var>:0`; Keras 3 can no longer write it.
+    """
+    short_names = {keras.layers.Conv2D: ('kernel', 'bias'),
+                   keras.layers.BatchNormalization: ('gamma', 'beta', 'moving_mean',
+                                                     'moving_variance')}
+    with h5py.File(path, 'w') as f:
+        f.attrs['layer_names'] = [layer.name.encode() for layer in keras_model.layers]
+        f.attrs['backend'] = b'tensorflow'
+        f.attrs['keras_version'] = b'2.2.4'
+        for layer in keras_model.layers:
+            group = f.create_group(layer.name)
+            names = [f'{layer.name}/{short}:0'
+                     for short in short_names.get(type(layer), ())[:len(layer.weights)]]
+            group.attrs['weight_names'] = [n.encode() for n in names]
+            for name, value in zip(names, layer.get_weights(), strict=True):
+                group.create_dataset(name, data=value)
 
 
 @pytest.fixture(scope='module')
