@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_len = 22           # tokens incl. <start> and <end>
     config.data.num_threads = 2        # grain reader threads
     config.data.prefetch = 8           # grain prefetch buffer (batches)
+    config.data.train_split = 'train'  # TFDS split(s) to train on, e.g. 'train+restval' for COCO
+    config.data.train_fraction = 1.0   # a seeded random subset of the train split (COCO reference: 0.5)
+    config.data.features_dir = ''      # '' = run the encoder on images; else cached grids (--mode=extract)
 
     # model: small ResNet (64x64 -> 8x8 grid), attention LSTM decoder.
     config.model = ml_collections.ConfigDict()
@@ -40,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.encoder.stage_sizes = (1, 1)
     config.model.encoder.num_filters = 8
     config.model.encoder.preprocess = 'unit'
+    config.model.encoder.train_stages = -1   # ResNet stages trained, from the top: -1 all, 0 frozen
+    config.model.encoder.weights = ''        # Flax variables from --mode=convert ('' = random init)
+    config.model.dtype = 'float32'     # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     config.model.embed_dim = 128
     config.model.units = 128
     config.model.attention_units = 64
@@ -57,12 +63,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.decay = 'cosine'      # 'cosine' to 10% of the peak at num_steps, or 'constant'
     config.optim.grad_clip_norm = 5.0  # 0 disables clipping
     config.optim.attention_reg = 0.0   # doubly stochastic attention weight (Show, Attend and Tell)
+    config.optim.encoder_lr_scale = 1.0  # encoder learning rate = this x the schedule's
 
     # train: steps and logging.
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32
     config.train.num_steps = 3500
     config.train.log_every_steps = 100
+    config.train.validate_every_steps = 0   # CIDEr-D on a val subset every N steps (0 = off)
+    config.train.validate_examples = 100    # val images decoded for that check
+
+    # parallel: data parallelism over every device of every host.
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = 'shard_map'     # 'shard_map' (jit) or 'pmap': the same per-device step
+    config.parallel.coordinator_address = ''  # 'host:port' to call jax.distributed.initialize
+    config.parallel.num_processes = 0         # with the coordinator; 0 = from the environment
+    config.parallel.process_id = -1           # with the coordinator; -1 = from the environment
+    config.parallel.deterministic_gpu = False  # XLA flags for deterministic (slower) GPU ops
 
     # eval: split, decoding and heatmaps after training.
     config.eval = ml_collections.ConfigDict()
@@ -70,9 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 100
     config.eval.num_examples = 0       # 0 = the whole split
     config.eval.num_heatmaps = 4
+    config.eval.beam_sizes = (1,)      # decode the split once per width (1 = greedy)
+    config.eval.report = True          # eval/<split>_report.html with images and heatmaps
 
     # ckpt: orbax checkpoints in workdir/checkpoints.
     config.ckpt = ml_collections.ConfigDict()
     config.ckpt.every_steps = 500
     config.ckpt.max_to_keep = 2
+    config.ckpt.keep_best = True       # also keep the best checkpoint by validation CIDEr
     return config
