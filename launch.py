@@ -1,12 +1,17 @@
 """jaxcap entry point.
 
     python launch.py [--config=configs/shapes.py] [--workdir=runs/shapes] [--config.a.b=value ...]
-                     [--mode=train|eval|caption|convert] [--images=a.png,dir/*.jpg] [--heatmaps_dir=DIR]
-                     [--beam_size=K] [--weights=PATH|imagenet --output=PATH]
+                     [--mode=train|eval|caption|extract|convert] [--images=a.png,dir/*.jpg]
+                     [--heatmaps_dir=DIR] [--beam_size=K] [--weights=PATH|imagenet --output=PATH]
 
 `train` resumes from --workdir when it holds checkpoints, then evaluates; `eval` and
-`caption` use the workdir's saved config, vocabulary and latest checkpoint; `convert`
-turns Keras ResNet-50 weights into Flax variables.
+`caption` use the workdir's saved config, vocabulary and latest checkpoint; `extract`
+caches the frozen encoder's grids of the train and eval splits in
+config.data.features_dir; `convert` turns Keras ResNet-50 weights into Flax variables.
+
+Several hosts: run the same command on each with
+--config.parallel.coordinator_address=HOST:PORT (and num_processes/process_id, unless
+the cluster's environment provides them).
 """
 
 import os
@@ -20,10 +25,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(_REPO, 'configs', 'shapes.py'), 'Experiment config file; override fields with --config.a.b=v.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/shapes', 'Where checkpoints, logs and results go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'convert'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'extract', 'convert'],
+                          'What to do.')
 _IMAGES = flags.DEFINE_list('images', [], 'caption mode: image paths or globs, comma-separated.')
 _HEATMAPS_DIR = flags.DEFINE_string('heatmaps_dir', None, 'caption mode: where to save heatmaps.')
-_SPLIT = flags.DEFINE_string('split', None, 'eval mode: split to evaluate (default config.eval.split).')
+_SPLIT = flags.DEFINE_string('split', None, 'eval/extract: the split (default config.eval.split; '
+                             'extract: the train and eval splits).')
 _BEAM_SIZE = flags.DEFINE_integer('beam_size', None, 'eval/caption: beam width (default: the config).')
 _WEIGHTS = flags.DEFINE_string('weights', None, "convert: a Keras ResNet-50 .h5 file, or 'imagenet'.")
 _OUTPUT = flags.DEFINE_string('output', None, 'convert: where to write the Flax variables.')
@@ -43,16 +50,25 @@ def main(argv):
     # TensorFlow is only used by TFDS to build data sets: keep it off any GPU/TPU.
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')
-    import jax
-
-    logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
-                 jax.devices())
     try:
+        start_jax(_CONFIG.value.parallel)
         run()
     except _USER_ERRORS as e:
         if _TRACEBACK.value:
             raise
         sys.exit(f'jaxcap: error: {e}\n(run with --traceback for the full traceback)')
+
+
+def start_jax(parallel_config):
+    """XLA flags and the multi-host handshake: both before JAX starts its backends."""
+    from jaxcap import parallel
+
+    if parallel_config.deterministic_gpu:
+        parallel.set_deterministic_gpu_flags()
+    parallel.initialize_distributed(parallel_config)
+    import jax
+    logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
+                 jax.devices())
 
 
 def run():
@@ -68,6 +84,9 @@ def run():
             raise app.UsageError('--mode=caption needs --images=PATH[,PATH...] (globs allowed).')
         inference.caption_images(_WORKDIR.value, _IMAGES.value, _HEATMAPS_DIR.value,
                                  beam_size=_BEAM_SIZE.value)
+    elif _MODE.value == 'extract':
+        for path in inference.extract_features(_CONFIG.value, _SPLIT.value):
+            print(path)
     else:
         if not (_WEIGHTS.value and _OUTPUT.value):
             raise app.UsageError('--mode=convert needs --weights=PATH|imagenet and --output=PATH.')

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = 'shapes'
     config.data.tfds_dir = ''          # '' = TFDS' default (~/tensorflow_datasets)
+    config.data.manual_dir = ''        # COCO: pre-downloaded zips ('' = <tfds_dir>/downloads/manual)
     config.data.image_size = 64
     config.data.num_train = 10000
     config.data.num_val = 500

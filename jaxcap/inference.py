@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 import sys
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from jaxcap import checkpoint, evaluate, parallel, train, workdir as workdir_lib
+from jaxcap.data import features, pipeline, text
 from jaxcap.data import images as image_ops
 from jaxcap.models import captioner
 
@@ -30,16 +33,21 @@ def restore(workdir: str, beam_size: int | None = None):
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f'{workdir} has no checkpoint yet; train first with '
                                 f'`python launch.py --workdir={workdir}`.')
-    state = train.initial_state(config, model, parallel.make_mesh())
+    # The checkpoint holds every parameter: no need for the encoder's init weights file.
+    init_config = config.copy_and_resolve_references()
+    init_config.model.encoder.weights = ''
+    state = train.initial_state(init_config, model, parallel.make_mesh())
     state = checkpointer.restore(state)
     checkpointer.close()
     return config, vocab, model, state.variables()
 
 
 def evaluate_workdir(workdir: str, split: str | None = None,
-                     beam_size: int | None = None) -> dict[str, float]:
+                     beam_size: int | None = None) -> dict[str, dict[str, float]]:
     config, vocab, model, variables = restore(workdir, beam_size)
-    return evaluate.evaluate_split(config, model, vocab, variables, workdir, split=split)
+    beam_sizes = None if beam_size is None else (beam_size,)
+    return evaluate.evaluate_split(config, model, vocab, variables, workdir, split=split,
+                                   beam_sizes=beam_sizes)
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
@@ -88,3 +96,27 @@ def _padded_batch(images: list[np.ndarray], batch_size: int) -> dict:
     return {'images': np.stack(images + [images[-1]] * pad),
             'valid': np.array([True] * len(images) + [False] * pad),
             'image_ids': list(range(len(images)))}
+
+
+def extract_features(config, split: str | None = None) -> list[str]:
+    """Caches the frozen encoder's grids of `split` (default: the train and eval splits).
+
+    The encoder is the one training would start from (converted weights, or the
+    seed's random ones), so training on the cache equals training with that
+    frozen encoder on images. Returns the cache directories.
+    """
+    train.check_encoder_mode(config, needs_cache=True)
+    # The encoder's parameters do not depend on the vocabulary (Flax derives each
+    # module's random key from its name), so the special tokens stand in for it.
+    model = captioner.from_config(config.model, len(text.SPECIAL_TOKENS))
+    state = train.initial_state(config, model, parallel.make_mesh(jax.local_devices()[:1]))
+    encode = jax.jit(functools.partial(model.apply, state.variables(),
+                                       method=captioner.Captioner.encode_grid))
+    fingerprint = features.fingerprint_encoder(config)
+    if split is None:
+        jobs = [(config.data.train_split, pipeline.load_train_source(config.data)),
+                (config.eval.split, pipeline.load_source(config.data, config.eval.split))]
+    else:
+        jobs = [(split, pipeline.load_source(config.data, split))]
+    return [features.extract_split(config, name, encode, fingerprint, source=records)
+            for name, records in jobs]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from jaxcap import checkpoint, evaluate, parallel
 from jaxcap import workdir as workdir_lib
 from jaxcap.data import pipeline
-from jaxcap.models import captioner
+from jaxcap.models import captioner, resnet
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -47,24 +47,74 @@ def make_schedule(optim_config: ml_collections.ConfigDict, num_steps: int) -> op
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1),
                                                   end_value=0.1 * peak)
     if optim_config.decay == 'constant':
-        return optax.linear_schedule(0.0, peak, max(warmup, 1))
+        return optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
     raise ValueError(f"optim.decay must be 'cosine' or 'constant', got {optim_config.decay!r}.")
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """Adam on the schedule, after optional global-norm gradient clipping."""
+def make_optimizer(optim_config: ml_collections.ConfigDict, num_steps: int,
+                   model_config: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
+    """Adam on the schedule, after optional global-norm gradient clipping.
+
+    With `model_config`, the encoder's frozen layers get no update (and no Adam
+    state) and its learning layers a learning rate `optim.encoder_lr_scale` times
+    the decoder's.
+    """
     clip = optim_config.grad_clip_norm
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    return optax.chain(*parts, optax.adam(make_schedule(optim_config, num_steps)))
+    adam = optax.adam(make_schedule(optim_config, num_steps))
+    if model_config is None:
+        return optax.chain(*parts, adam)
+    partitions = {
+        'decoder': adam,
+        'encoder': optax.chain(adam, optax.scale(optim_config.encoder_lr_scale)),
+        'frozen': optax.set_to_zero(),
+    }
+    return optax.chain(*parts, optax.multi_transform(
+        partitions, functools.partial(param_labels, model_config=model_config)))
+
+
+def param_labels(params, model_config: ml_collections.ConfigDict):
+    """'frozen', 'encoder' or 'decoder' (projection, attention, LSTMs) for every parameter."""
+    num_stages, train_stages = len(model_config.encoder.stage_sizes), model_config.encoder.train_stages
+
+    def label(path, _):
+        names = [getattr(k, 'key', k) for k in path]
+        if names[0] != 'encoder':
+            return 'decoder'
+        return 'frozen' if resnet.is_frozen_layer(names[1], num_stages, train_stages) else 'encoder'
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                       images: jax.Array, tokens: jax.Array) -> TrainState:
-    """Initialises parameters from `seed` with example-shaped inputs (their values are unused)."""
+                       images: jax.Array, tokens: jax.Array, encoder_weights: str = '') -> TrainState:
+    """Initialises parameters from `seed` with example-shaped inputs (their values are unused).
+
+    `encoder_weights` (a file from `--mode=convert`) then replaces the encoder's
+    random parameters and BatchNorm statistics.
+    """
     variables = captioner.init_variables(model, seed, images, tokens, train=False)
-    params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), tx=tx)
+    params, batch_stats = variables['params'], variables.get('batch_stats', {})
+    if encoder_weights:
+        params, batch_stats = load_encoder(params, batch_stats, encoder_weights)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), tx=tx)
+
+
+def load_encoder(params, batch_stats, path: str):
+    """Puts converted ResNet variables (`weights.save_variables`) in place of the encoder's."""
+    from jaxcap import weights  # h5py and msgpack, only when asked for
+    loaded = weights.load_variables(os.path.expanduser(path))
+    new = {}
+    for name, tree in (('params', params), ('batch_stats', batch_stats)):
+        want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), flax.core.unfreeze(tree)['encoder'])
+        got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), loaded.get(name, {}))
+        if want != got:
+            raise ValueError(
+                f'model.encoder.weights={path!r} does not fit model.encoder (different {name} '
+                'layers or shapes); convert weights for this architecture with '
+                '`python launch.py --mode=convert`, or set --config.model.encoder.weights=\'\'.')
+        new[name] = {**tree, 'encoder': jax.tree.map(jnp.asarray, loaded[name])}
+    return new['params'], new['batch_stats']
 
 
 def masked_cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
@@ -79,29 +129,60 @@ def masked_cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
 
 def attention_penalty(alpha_BxTxR, mask_BxT):
     """Doubly stochastic attention (Show, Attend and Tell): every region attended ~once in total."""
+    return attention_penalty_sum(alpha_BxTxR, mask_BxT) / alpha_BxTxR.shape[0]
+
+
+def attention_penalty_sum(alpha_BxTxR, mask_BxT):
     total_BxR = jnp.where(mask_BxT[..., None] > 0, alpha_BxTxR, 0.0).sum(axis=1)
-    return ((1.0 - total_BxR) ** 2).sum(axis=-1).mean()
+    return ((1.0 - total_BxR) ** 2).sum()
 
 
-def compute_loss(params, batch_stats, batch, model: nn.Module, attention_reg: float, train: bool):
-    """Masked mean cross-entropy (+ optional attention penalty) of predicting tokens[1:] from tokens[:-1]."""
+def _global_sum(x, axis_name: str | None):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def compute_loss(params, batch_stats, batch, model: nn.Module, attention_reg: float, train: bool,
+                 axis_name: str | None = None):
+    """Masked mean cross-entropy (+ optional attention penalty) of predicting tokens[1:] from tokens[:-1].
+
+    The inputs are `batch['images']` or cached grids `batch['features']`. In a
+    per-device step (`axis_name` given), the batch is this device's slice and
+    the loss is its share of the global mean: the normalisers (token and
+    example counts) are global, so summing the shares over devices gives the
+    global batch's loss, and summing their gradients gives its gradient.
+    Returns (loss share, (cross-entropy share, new batch_stats)).
+    """
     tokens_BxT = batch['tokens']
     inputs, targets, mask = tokens_BxT[:, :-1], tokens_BxT[:, 1:], batch['mask'][:, 1:]
     variables = {'params': params, 'batch_stats': batch_stats}
     (logits, alpha), updates = model.apply(
-        variables, batch['images'], inputs, train=train, mutable=['batch_stats'] if train else [])
+        variables, batch['features'] if 'features' in batch else batch['images'], inputs,
+        train=train, mutable=['batch_stats'] if train else [])
     ce_sum, count = masked_cross_entropy(logits, targets, mask)
-    ce = ce_sum / jnp.maximum(count, 1.0)
-    loss = ce + attention_reg * attention_penalty(alpha, mask) if attention_reg else ce
+    ce = ce_sum / jnp.maximum(_global_sum(count, axis_name), 1.0)
+    loss = ce
+    if attention_reg:
+        examples = _global_sum(jnp.float32(tokens_BxT.shape[0]), axis_name)
+        loss = ce + attention_reg * attention_penalty_sum(alpha, mask) / examples
     return loss, (ce, updates.get('batch_stats', batch_stats))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               attention_reg: float) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One Adam step on a (global) batch; pure, so it can be jitted and sharded."""
+               attention_reg: float, axis_name: str | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam step; pure, so it can be jitted and mapped.
+
+    Without `axis_name` it takes the whole batch. With it, it is the per-device
+    step of data parallelism (see `jaxcap.parallel.DataParallel`): it takes one
+    device's slice and all-reduces the gradient shares explicitly, so every
+    device applies the same global update.
+    """
+    if axis_name is not None:
+        model = model.clone(bn_axis_name=axis_name)  # BatchNorm statistics of the global batch
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
     (_, (ce, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, model,
-                                            attention_reg, True)
+                                            attention_reg, True, axis_name)
+    grads, ce = _global_sum((grads, ce), axis_name)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': ce, 'grad_norm': optax.tree.norm(grads),
@@ -111,11 +192,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     return new_state, metrics
 
 
-def jit_train_step(model: nn.Module, attention_reg: float, mesh: jax.sharding.Mesh):
-    """The jitted step: batch sharded over the mesh's data axis, state replicated and donated."""
-    step = functools.partial(train_step, model=model, attention_reg=attention_reg)
-    return jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                   out_shardings=parallel.replicated(mesh), donate_argnums=0)
+def data_parallel_step(model: nn.Module, attention_reg: float, mesh: jax.sharding.Mesh,
+                       mode: str = 'shard_map') -> parallel.DataParallel:
+    """The per-device train step, mapped over every device of `mesh` (`parallel.mode`)."""
+    step = functools.partial(train_step, model=model, attention_reg=attention_reg,
+                             axis_name=parallel.DATA_AXIS)
+    return parallel.DataParallel(step, mesh, mode)
 
 
 class NanLossError(FloatingPointError):
@@ -153,26 +235,32 @@ def log_scalars(writer, step: int, metrics: dict[str, float]) -> None:
 
 
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh) -> TrainState:
-    """A fresh state from `config.seed`, replicated over the mesh."""
+    """A fresh state from `config.seed` (and the converted encoder weights), replicated over the mesh."""
     size, max_len = config.data.image_size, config.data.max_len
     images = jnp.zeros((1, size, size, 3), jnp.uint8)
     tokens = jnp.zeros((1, max_len - 1), jnp.int32)
-    tx = make_optimizer(config.optim, config.train.num_steps)
-    return parallel.replicate(create_train_state(model, tx, config.seed, images, tokens), mesh)
+    tx = make_optimizer(config.optim, config.train.num_steps, config.model)
+    state = create_train_state(model, tx, config.seed, images, tokens, config.model.encoder.weights)
+    return parallel.replicate(state, mesh)
 
 
 def run_training(config, model, state: TrainState, data_iterator, checkpointer, writer, mesh,
-                 preemption: 'PreemptionGuard') -> TrainState:
-    """Steps until `train.num_steps`, logging and checkpointing; returns the final state."""
-    step_fn = jit_train_step(model, config.optim.attention_reg, mesh)
+                 preemption: 'PreemptionGuard', validator=None) -> TrainState:
+    """Steps until `train.num_steps`, logging, validating and checkpointing; returns the final state.
+
+    `validator(state, step) -> {'CIDEr': ...}` runs every `train.validate_every_steps`;
+    its scores go with that step's checkpoint, so the best one can be kept.
+    """
+    trainer = data_parallel_step(model, config.optim.attention_reg, mesh, config.parallel.mode)
     schedule = make_schedule(config.optim, config.train.num_steps)
     total, start = config.train.num_steps, int(state.step)
+    validate_every = config.train.validate_every_steps if validator else 0
     throughput = Throughput(config.train.batch_size, start)
     bar = tqdm(total=total, initial=start, desc='train', disable=jax.process_index() > 0,
                dynamic_ncols=True, mininterval=2.0)
+    state = trainer.put_state(state)
     for step in range(start + 1, total + 1):
-        batch = parallel.shard_batch(next(data_iterator), mesh)
-        state, metrics = step_fn(state, batch)
+        state, metrics = trainer.step(state, trainer.put_batch(next(data_iterator)))
         bar.update(1)
         is_last = step == total
         if step % config.train.log_every_steps == 0 or is_last:
@@ -182,16 +270,19 @@ def run_training(config, model, state: TrainState, data_iterator, checkpointer, 
             host['learning_rate'] = float(schedule(step - 1))  # the rate step used
             log_scalars(writer, step, host)
             bar.set_postfix(loss=f'{host["loss"]:.3f}', ex_s=f'{host["examples_per_s"]:.0f}')
-        if step % checkpointer.every_steps == 0 or is_last or preemption.requested:
+        scores = None
+        if validate_every and step % validate_every == 0:
+            scores = validator(trainer.get_state(state), step)
+        if step % checkpointer.every_steps == 0 or is_last or preemption.requested or scores:
             # Never checkpoint a diverged state: the check costs one sync per save.
-            check_finite(step, {'loss': float(metrics['loss'])})
-            checkpointer.save(step, state, data_iterator)
+            check_finite(step, {'loss': float(jax.device_get(metrics['loss']))})
+            checkpointer.save(step, trainer.get_state(state), data_iterator, metrics=scores)
         if preemption.requested:
             checkpointer.close()
             raise SystemExit(f'Stopped by {preemption.requested} at step {step}; saved a checkpoint. '
                              'Run the same command again to resume.')
     bar.close()
-    return state
+    return trainer.get_state(state)
 
 
 class PreemptionGuard:
@@ -218,34 +309,59 @@ class PreemptionGuard:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates; returns the scores."""
+    check_encoder_mode(config)
     workdir_lib.prepare_training(workdir, config)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    source = pipeline.load_source(config.data, 'train')
+    source = pipeline.training_source(config)
     vocab = workdir_lib.load_or_build_vocab(
         workdir, lambda: pipeline.build_vocabulary(source, config.data.max_words))
     model = captioner.from_config(config.model, len(vocab))
     state = initial_state(config, model, mesh)
+    # Every process walks the same global batches and loads only its rows of each.
     data_iterator = iter(pipeline.train_dataset(
         source, vocab, config.data, config.train.batch_size // jax.process_count(), config.seed,
         jax.process_index(), jax.process_count()))
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                           config.ckpt.every_steps, config.ckpt.max_to_keep)
-    # Resume precedence: the workdir's latest checkpoint (model state and data position),
-    # else a fresh start from config.seed.
+                                           config.ckpt.every_steps, config.ckpt.max_to_keep,
+                                           keep_best=config.ckpt.keep_best)
+    # Resume precedence: the workdir's latest good checkpoint (model state, optimizer, step
+    # and data position); else the explicit init checkpoint, model.encoder.weights (in
+    # `initial_state`, over a fresh decoder); else everything from scratch with config.seed.
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state, data_iterator)
         logging.info('Resumed from %s at step %d.', workdir, int(state.step))
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams(_flat_hparams(config))
+    validator = None
+    if config.train.validate_every_steps:
+        validator = evaluate.Validator(model, vocab, config, writer)
     with PreemptionGuard() as preemption:
         state = run_training(config, model, state, data_iterator, checkpointer, writer, mesh,
-                             preemption)
+                             preemption, validator)
     checkpointer.close()
-    scores = evaluate.evaluate_split(config, model, vocab, state.variables(), workdir,
-                                     writer=writer, step=int(state.step))
+    scores = {}
+    if jax.process_index() == 0:  # one writer of eval/; the others wait for it
+        scores = evaluate.evaluate_split(config, model, vocab, state.variables(), workdir,
+                                         writer=writer, step=int(state.step))
     writer.flush()
+    parallel.sync('evaluated')
     return scores
+
+
+def check_encoder_mode(config: ml_collections.ConfigDict, needs_cache: bool = False) -> None:
+    """A feature cache stands in for a frozen encoder only."""
+    if needs_cache and not config.data.features_dir:
+        raise ValueError('--mode=extract writes to config.data.features_dir, which is empty; set '
+                         '--config.data.features_dir=DIR.')
+    if not config.model.encoder.stage_sizes and config.data.features_dir:
+        raise ValueError('data.features_dir needs an encoder (model.encoder.stage_sizes) to cache.')
+    if config.data.features_dir and config.model.encoder.train_stages != 0:
+        raise ValueError(
+            f'data.features_dir={config.data.features_dir!r} (cached encoder grids) needs a frozen '
+            f'encoder, but model.encoder.train_stages={config.model.encoder.train_stages}. Set '
+            "--config.model.encoder.train_stages=0, or --config.data.features_dir='' to fine-tune "
+            'on images.')
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

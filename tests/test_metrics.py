@@ -1,4 +1,4 @@
-"""Tests for jaxcap.metrics (pycocoevalcap wrapper).
+"""Tests for jaxcap.metrics (pycocoevalcap wrapper; CiderD is in test_cider.py).
 
 METEOR's JVM takes 10-20 s to start, so Java-backed tests share one
 module-scoped CaptionScorer plus one one-shot score_captions call.
@@ -10,6 +10,9 @@ import math
 import os
 
 import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 
 from jaxcap import metrics
 
@@ -30,6 +33,34 @@ WRONG = {
     'img3': 'violin concert hall',
     'img4': '',  # empty and punctuation-only candidates must not crash either
     'img5': '...',
+}
+
+# A realistic hand-made set: pycocoevalcap ships no example data (its
+# example/coco_eval_example.py reads COCO's captions_val2014.json, not included).
+HANDMADE_REFS = {
+    101: ['A man is riding a wave on top of a surfboard.',
+          'A surfer rides a large wave in the ocean.',
+          'Man on a surfboard riding an ocean wave.'],
+    102: ['Two giraffes standing next to each other in a field.',
+          'A couple of giraffes eating leaves from the trees.'],
+    103: ['A kitchen with wooden cabinets and a white stove.',
+          "The kitchen's counter is cluttered with pots, pans and dishes.",
+          'A small kitchen with a stove and a sink.'],
+    104: ['A red fire hydrant on the side of a street.', 'A fire hydrant painted red and white.'],
+    105: ['A plate of food with broccoli, rice and chicken.',
+          'Chicken and vegetables served on a white plate.',
+          'A healthy meal on a dinner plate.',
+          'A plate holds rice with meat and broccoli.'],
+    106: ['A group of people flying kites on a beach.', 'Kites in the sky over a sandy beach.'],
+}
+HANDMADE_CANDIDATES = {
+    101: 'A man riding a wave on a surfboard.',
+    102: 'two giraffes standing in a field',
+    # Empty, but not last: pycocoevalcap's own tokenizer drops a trailing empty line.
+    103: '',
+    104: 'a red and white fire hydrant',
+    105: 'a plate of food with broccoli broccoli broccoli',
+    106: 'People fly kites at the beach!',
 }
 
 
@@ -59,21 +90,64 @@ def scorer():
 
 @pytest.fixture(scope='module')
 def one_shot(scorer):
-    """One score_captions call: its scores, what it printed and java children left.
+    """One score_captions call on the hand-made set: its scores, what it printed and java
+    children left.
 
     Depends on ``scorer`` only so that both METEOR JVMs load concurrently.
     """
     before = set(_child_java_pids())  # the scorer's own JVM
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        scores = metrics.score_captions(REFS, EXACT)
+        scores = metrics.score_captions(HANDMADE_REFS, HANDMADE_CANDIDATES)
     left_behind = sorted(set(_child_java_pids()) - before)
     return scores, buffer.getvalue(), left_behind
 
 
+def _official_tokenize(references, candidates):
+    """pycocoevalcap's PTBTokenizer, called as COCOEvalCap.evaluate calls it."""
+    if not os.access(os.path.dirname(metrics._PTB_JAR), os.W_OK):
+        # It writes a temp file next to its jar; on a read-only install use our
+        # stdin version of the same command (equal where both run, see below).
+        return metrics._tokenize_all(references, candidates, list(references))
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: PLC0415
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{'caption': r} for r in refs] for i, refs in references.items()})
+    res = tokenizer.tokenize({i: [{'caption': c}] for i, c in candidates.items()})
+    return gts, res
+
+
 @requires_java
-def test_exact_candidates_score_perfectly(one_shot):
+def test_score_captions_reproduces_pycocoevalcap(one_shot, scorer):
+    # The steps of pycocoevalcap's COCOEvalCap.evaluate (minus SPICE), each scorer called directly.
+    ours, _, _ = one_shot
+    gts, res = _official_tokenize(HANDMADE_REFS, HANDMADE_CANDIDATES)
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu, _ = Bleu(4).compute_score(gts, res)
+    # The scorer's METEOR is a pycocoevalcap Meteor object; reusing its JVM saves a 15 s start.
+    meteor, _ = scorer._meteor.compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    expected = dict(zip(metrics.METRIC_NAMES, [*bleu, meteor, rouge, cider], strict=True))
+    assert ours.keys() == expected.keys()
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+    # Not a degenerate set where every metric is 0 or 1 (measured: 0.30 to 0.57, CIDEr 1.74).
+    assert all(0.2 < value < 0.8 for name, value in expected.items() if name != 'CIDEr')
+    assert 1.0 < expected['CIDEr'] < 3.0
+
+
+@requires_java
+def test_spice_is_reported_unavailable(one_shot):
     scores, _, _ = one_shot
+    assert 'SPICE' not in scores
+    assert 'offline' in metrics.UNAVAILABLE_METRICS['SPICE']
+    assert not set(metrics.UNAVAILABLE_METRICS) & set(metrics.METRIC_NAMES)
+
+
+@requires_java
+def test_exact_candidates_score_perfectly(scorer):
+    scores = scorer.score(REFS, EXACT)
     assert tuple(scores) == metrics.METRIC_NAMES
     assert all(isinstance(v, float) for v in scores.values())
     assert scores['Bleu_4'] == pytest.approx(1.0, abs=1e-6)
@@ -133,8 +207,8 @@ def test_empty_candidates_score_zero(scorer):
 
 @requires_java
 def test_repeated_calls_are_identical(one_shot, scorer):
-    first = scorer.score(REFS, EXACT)
-    second = scorer.score(REFS, EXACT)
+    first = scorer.score(HANDMADE_REFS, HANDMADE_CANDIDATES)
+    second = scorer.score(HANDMADE_REFS, HANDMADE_CANDIDATES)
     assert first == second == one_shot[0]
 
 

@@ -83,11 +83,11 @@ def test_steps_on_one_batch_drive_the_loss_down(setup):
     config.optim.decay = 'constant'   # tiny's cosine schedule ends after 6 steps
     config.optim.learning_rate = 1e-2
     mesh = parallel.make_mesh(jax.devices()[:1])
-    step = train.jit_train_step(model, 0.0, mesh)
+    step = jax.jit(functools.partial(train.train_step, model=model, attention_reg=0.0))
     state = train.initial_state(config, model, mesh)
     losses = []
     for _ in range(40):
-        state, metrics = step(state, parallel.shard_batch(batch, mesh))
+        state, metrics = step(state, batch)
         losses.append(float(metrics['loss']))
     assert int(state.step) == 40
     assert losses[-1] < 0.5 * losses[0], losses
@@ -116,29 +116,8 @@ def test_nan_loss_fails_fast_with_advice():
     train.check_finite(7, {'loss': 1.0})
 
 
-def test_batch_size_that_does_not_divide_the_devices_fails_clearly():
-    mesh = parallel.make_mesh()
-    assert mesh.size == 8  # conftest fakes 8 CPU devices
-    with pytest.raises(ValueError, match=r'batch_size=12 .* 8 devices.*=16 or 8'):
-        parallel.check_batch_size(12, mesh)
-    parallel.check_batch_size(16, mesh)
-
-
 def test_unknown_schedule_is_rejected():
     config = tiny.get_config()
     config.optim.decay = 'linear'
     with pytest.raises(ValueError, match="optim.decay"):
         train.make_optimizer(config.optim, 10)
-
-
-def test_data_parallel_step_equals_single_device_step(setup):
-    config, model, state, batch = setup
-    batch = {k: np.concatenate([v, v]) for k, v in batch.items()}  # 8 rows: one per device
-    one, eight = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()
-    s1, m1 = train.jit_train_step(model, 0.0, one)(jax.tree.map(jnp.copy, state),
-                                                   parallel.shard_batch(batch, one))
-    s8, m8 = train.jit_train_step(model, 0.0, eight)(parallel.replicate(state, eight),
-                                                     parallel.shard_batch(batch, eight))
-    np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
-                 s1.params, s8.params)

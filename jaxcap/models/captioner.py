@@ -39,6 +39,9 @@ class Captioner(nn.Module):
       position_embedding: add a learned embedding per grid cell to the region
         features. The reference had none, so its context vector says what the
         model looked at but not where; spatial words ("left of") need the where.
+      train_stages: encoder stages that learn, from the top (-1 all, 0 frozen).
+      bn_axis_name: the mapped batch axis of a per-device training step (global
+        BatchNorm statistics); None everywhere else.
     """
     vocab_size: int
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -48,22 +51,35 @@ class Captioner(nn.Module):
     units: int = 512
     attention_units: int = 512
     position_embedding: bool = False
+    train_stages: int = -1
+    bn_axis_name: str | None = None
 
     def setup(self):
         if self.stage_sizes:
-            self.encoder = ResNet(tuple(self.stage_sizes), self.num_filters, name='encoder')
+            self.encoder = ResNet(tuple(self.stage_sizes), self.num_filters, self.train_stages,
+                                  self.bn_axis_name, name='encoder')
         self.project = nn.Dense(self.embed_dim, name='project')
         if self.position_embedding:
             self.position = PositionEmbedding(name='position')
         self.decoder = Decoder(self.vocab_size, self.embed_dim, self.units,
                                self.attention_units, name='decoder')
 
-    def encode(self, images, train: bool = False):
-        """uint8 images (B,H,W,3), or cached grids (B,h,w,C) -> regions (B, h*w, embed_dim)."""
-        if self.stage_sizes:
-            grid = self.encoder(image_ops.preprocess(images, self.preprocess), train=train)
-        else:
-            grid = images.astype(jnp.float32)
+    def encode_grid(self, images, train: bool = False):
+        """uint8 images (B,H,W,3) -> the encoder's grid (B,h,w,C): what the feature cache stores."""
+        return self.encoder(image_ops.preprocess(images, self.preprocess), train=train)
+
+    def encode(self, inputs, train: bool = False):
+        """uint8 images (B,H,W,3), or float encoder grids (B,h,w,C) -> regions (B, h*w, embed_dim).
+
+        Floating inputs are grids from the feature cache (`--mode=extract`): the
+        encoder is skipped, so training, decoding and scoring all take either.
+        """
+        is_grid = not self.stage_sizes or jnp.issubdtype(inputs.dtype, jnp.floating)
+        return self.regions(inputs if is_grid else self.encode_grid(inputs, train))
+
+    def regions(self, grid_BxHxWxC):
+        """Encoder grid -> region features (B, h*w, embed_dim)."""
+        grid = grid_BxHxWxC.astype(jnp.float32)
         regions = nn.relu(self.project(grid.reshape(grid.shape[0], -1, grid.shape[-1])))
         # After the ReLU, so that even a featureless region still says where it is.
         return self.position(regions) if self.position_embedding else regions
@@ -73,8 +89,9 @@ class Captioner(nn.Module):
         del train  # no dropout in the decoder (the reference had none)
         return self.decoder(features_BxRxD, tokens_BxT)
 
-    def __call__(self, images, tokens_BxT, train: bool = False):
-        return self.decode(self.encode(images, train), tokens_BxT, train)
+    def __call__(self, inputs, tokens_BxT, train: bool = False):
+        """Teacher-forced logits_BxTxV, alpha_BxTxR from images or cached grids (see `encode`)."""
+        return self.decode(self.encode(inputs, train), tokens_BxT, train)
 
     # Inference entry points: the same step the scan runs in `decode`.
     def start(self, features_BxRxD) -> tuple[DecoderState, jax.Array]:
@@ -98,7 +115,8 @@ def from_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> Cap
         embed_dim=model_config.embed_dim,
         units=model_config.units,
         attention_units=model_config.attention_units,
-        position_embedding=model_config.position_embedding)
+        position_embedding=model_config.position_embedding,
+        train_stages=model_config.encoder.train_stages)
 
 
 def init_variables(module: nn.Module, seed: int, *inputs, **kwargs):

@@ -14,6 +14,7 @@ import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 BN_EPSILON = 1.001e-5   # Keras' ResNet value, not Flax's default 1e-5
@@ -25,11 +26,13 @@ class BottleneckBlock(nn.Module):
     filters: int
     strides: int
     project_shortcut: bool
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+                                 momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                 axis_name=self.bn_axis_name if train else None)
         shortcut = x
         if self.project_shortcut:
             shortcut = nn.Conv(4 * self.filters, (1, 1), self.strides, padding='VALID', name='0_conv')(x)
@@ -50,17 +53,30 @@ class ResNet(nn.Module):
       stage_sizes: blocks per stage (ResNet-50: 3, 4, 6, 3).
       num_filters: bottleneck width of the first stage; doubles every stage, and
         each block outputs 4x its width (ResNet-50: 64 -> 2048 channels out).
+      train_stages: how many stages, counted from the top, learn: -1 all (the
+        stem too), 0 none (a frozen encoder). Frozen layers run in inference mode
+        (BatchNorm statistics untouched) and no gradient flows into them.
+      bn_axis_name: the mapped batch axis, in a per-device training step, so
+        that BatchNorm statistics are those of the global batch.
     """
     stage_sizes: Sequence[int]
     num_filters: int = 64
+    train_stages: int = -1
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x_BxHxWx3, train: bool = False, return_stages: bool = False):
         """Returns the final grid (B, H/32, W/32, C) for 4 stages, or every stage's output."""
+        num_frozen = frozen_stage_count(len(self.stage_sizes), self.train_stages)
+
+        def learns(stage: int) -> bool:  # the stem counts as stage 0
+            return train and stage >= num_frozen
+
         x = jnp.pad(x_BxHxWx3, ((0, 0), (3, 3), (3, 3), (0, 0)))
         x = nn.Conv(self.num_filters, (7, 7), 2, padding='VALID', name='conv1_conv')(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                         epsilon=BN_EPSILON, name='conv1_bn')(x)
+        x = nn.BatchNorm(use_running_average=not learns(0), momentum=BN_MOMENTUM,
+                         epsilon=BN_EPSILON, axis_name=self.bn_axis_name if learns(0) else None,
+                         name='conv1_bn')(x)
         x = nn.relu(x)
         # Zero padding before the max-pool is harmless: inputs are post-ReLU, >= 0.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -72,9 +88,28 @@ class ResNet(nn.Module):
                     filters=self.num_filters * 2**i,
                     strides=2 if (i > 0 and j == 0) else 1,
                     project_shortcut=(j == 0),
-                    name=f'conv{i + 2}_block{j + 1}')(x, train)
+                    bn_axis_name=self.bn_axis_name,
+                    name=f'conv{i + 2}_block{j + 1}')(x, learns(i))
+            if i + 1 == num_frozen:
+                x = jax.lax.stop_gradient(x)  # nothing below learns: skip its backward pass
             stages.append(x)
         return stages if return_stages else x
+
+
+def frozen_stage_count(num_stages: int, train_stages: int) -> int:
+    """Stages, from the bottom, that do not learn (the stem goes with the first)."""
+    if train_stages < 0 or train_stages >= num_stages:
+        return 0
+    return num_stages - train_stages
+
+
+def is_frozen_layer(layer_name: str, num_stages: int, train_stages: int) -> bool:
+    """Whether a top-level ResNet layer (`conv1_bn`, `conv3_block2`, ...) is frozen."""
+    num_frozen = frozen_stage_count(num_stages, train_stages)
+    if layer_name.startswith('conv1_'):
+        return num_frozen > 0
+    stage = int(layer_name[len('conv'):layer_name.index('_')]) - 2
+    return stage < num_frozen
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), num_filters=64)
