@@ -37,7 +37,8 @@ _OUTPUT = flags.DEFINE_string('output', None, 'convert: where to write the Flax 
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show the full traceback of a failure.')
 
 # Failures that mean "fix the input": shown as one line, not a traceback.
-_USER_ERRORS = (FileNotFoundError, ValueError, FloatingPointError, NotImplementedError, RuntimeError)
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
+                FloatingPointError, NotImplementedError, RuntimeError)
 
 
 def main(argv):

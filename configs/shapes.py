@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 100
     config.eval.num_examples = 0       # 0 = the whole split
     config.eval.num_heatmaps = 4
-    config.eval.beam_sizes = (1,)      # decode the split once per width (1 = greedy)
+    config.eval.beam_sizes = (1, 3)    # decode the split once per width (1 = greedy)
     config.eval.report = True          # eval/<split>_report.html with images and heatmaps
 
     # ckpt: orbax checkpoints in workdir/checkpoints.

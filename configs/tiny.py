@@ -32,5 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every_steps = 2
     config.eval.batch_size = 4
     config.eval.num_heatmaps = 1
+    config.eval.beam_sizes = (1,)
     config.ckpt.every_steps = 3
     return config

@@ -60,6 +60,8 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
 
 def prepare_training(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Creates the workdir, or checks a saved one matches, then writes config and run info."""
+    from jaxcap import checkpoint  # orbax: only where training starts
+    checkpoint.check_directory(workdir)  # a clear error for a file or an unwritable path
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(config_path):

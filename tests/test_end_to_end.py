@@ -4,7 +4,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -47,7 +46,8 @@ def test_workdir_holds_the_contracted_files(trained):
         assert json.load(f)['itos'][:4] == ['<pad>', '<unk>', '<start>', '<end>']
     with open(os.path.join(workdir, 'eval', 'val_metrics.json')) as f:
         saved = json.load(f)
-    assert set(saved) == set(metrics.METRIC_NAMES) and saved == pytest.approx(scores)
+    assert list(saved) == ['greedy'] and set(saved['greedy']) == set(metrics.METRIC_NAMES)
+    assert saved['greedy'] == pytest.approx(scores['greedy'])
     with open(os.path.join(workdir, 'eval', 'val_captions.json')) as f:
         captions = json.load(f)
     # Every val image exactly once, although 10 images fill 3 padded batches of 4.
@@ -55,6 +55,8 @@ def test_workdir_holds_the_contracted_files(trained):
     assert len({c['image_id'] for c in captions}) == config.data.num_val
     heatmaps = os.listdir(os.path.join(workdir, 'eval', 'heatmaps'))
     assert len(heatmaps) == 1 and Image.open(os.path.join(workdir, 'eval', 'heatmaps', heatmaps[0]))
+    with open(os.path.join(workdir, 'eval', 'val_report.html')) as f:
+        assert f'heatmaps/{heatmaps[0]}' in f.read()  # the report links the heatmap
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
 
 
@@ -72,7 +74,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(trained, tmp_path
 
 def test_eval_mode_reproduces_the_training_run_scores(trained):
     _, workdir, scores = trained
-    assert inference.evaluate_workdir(workdir) == pytest.approx(scores)
+    assert inference.evaluate_workdir(workdir)['greedy'] == pytest.approx(scores['greedy'])
 
 
 def test_caption_mode_captions_good_images_and_reports_bad_ones(trained, tmp_path):
@@ -125,26 +127,6 @@ def test_a_config_typo_fails_naming_the_key(tmp_path):
     assert result.returncode != 0
     assert 'batch_sise' in result.stderr
     assert not os.listdir(tmp_path)   # nothing written
-
-
-def test_sigterm_saves_a_checkpoint_at_the_current_step_and_stops(tmp_path):
-    workdir = tmp_path / 'run'
-    command = [sys.executable, 'launch.py', '--config=configs/tiny.py', f'--workdir={workdir}',
-               f'--config.data.tfds_dir={tmp_path / "tfds"}', '--config.train.num_steps=100000',
-               '--config.ckpt.every_steps=100000', '--config.train.log_every_steps=5']
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:   # wait until training is under way
-        if 'step 10:' in line:      # the progress bar's '\r' updates share the line
-            break
-    else:
-        pytest.fail('training never reached step 10')
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode != 0
-    assert 'Stopped by SIGTERM' in err
-    saved = [int(s) for s in os.listdir(workdir / 'checkpoints')]
-    assert len(saved) == 1 and 10 <= saved[0] < 100000
-    assert f'at step {saved[0]}' in err
 
 
 def test_beam_search_from_the_command_line_flags(trained, tmp_path):

@@ -3,7 +3,6 @@
 import concurrent.futures
 import functools
 import gc
-import json
 import os
 import pickle
 
