@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 32
     config.train.num_steps = 3500
     config.train.log_every_steps = 100
-    config.train.validate_every_steps = 0   # CIDEr-D on a val subset every N steps (0 = off)
+    config.train.validate_every_steps = 500  # CIDEr-D on a val subset every N steps (0 = off)
     config.train.validate_examples = 100    # val images decoded for that check
 
     # parallel: data parallelism over every device of every host.

@@ -22,6 +22,10 @@ class Decoded(NamedTuple):
     log_prob_B: jax.Array
 
 
+# Never emitted by either search: a <pad> or <start> inside a caption means nothing.
+_NEVER_EMITTED = (text.PAD, text.START)
+
+
 def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
     """Greedy decoding from <start>; stops early once every caption has produced <end>."""
     features = model.apply(variables, images, method=Captioner.encode)
@@ -36,7 +40,7 @@ def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
         t, token, state, done, tokens, alphas, log_prob = carry
         state, logits, alpha = model.apply(variables, state, token, features, keys, method=Captioner.step)
         log_p = jax.nn.log_softmax(logits)
-        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        nxt = jnp.argmax(log_p.at[:, _NEVER_EMITTED].set(-jnp.inf), axis=-1).astype(jnp.int32)
         log_prob = log_prob + jnp.where(done, 0.0, jnp.take_along_axis(log_p, nxt[:, None], 1)[:, 0])
         nxt = jnp.where(done, text.PAD, nxt)
         tokens = tokens.at[:, t].set(nxt)
@@ -55,8 +59,6 @@ def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
 # Beam search.
 
 LENGTH_PENALTIES = ('none', 'gnmt', 'average')
-# Beam search never emits these: a <pad> or <start> inside a caption means nothing.
-_NEVER_EMITTED = (text.PAD, text.START)
 
 
 class _Hypotheses(NamedTuple):

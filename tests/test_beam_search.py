@@ -339,9 +339,11 @@ def test_sequence_log_prob_counts_up_to_the_first_end():
 
 def test_one_beam_is_greedy():
     model, variables, images = _reference_case(13, 1.0)
-    # Greedy may emit any token; beam search never emits <pad>/<start>: rule them out.
-    variables = _bias(variables, {text.PAD: -1e4, text.START: -1e4})
+    # Make <pad> and <start> the model's favourites: neither search may emit them.
+    variables = _bias(variables, {text.PAD: 2.0, text.START: 2.0})
     greedy = _decoder(model, REF_LEN, 1, 'none')(variables, images)
+    for row in np.asarray(greedy.tokens_BxL):
+        assert not set(_caption(row)) & {text.PAD, text.START}
     beam = jax.jit(lambda v, x: decode.beam_search(model, v, x, REF_LEN, 1, 'none'))(variables, images)
     lengths = {len(_caption(row)) for row in np.asarray(greedy.tokens_BxL)}
     assert len(lengths) >= 2, lengths  # captions that end early and some that do not
