@@ -67,8 +67,11 @@ def prepare_training(workdir: str, config: ml_collections.ConfigDict) -> None:
     if os.path.exists(config_path):
         with open(config_path) as f:
             check_compatible(json.load(f), config, workdir)
-    write_json(config_path, config_to_dict(config))
-    write_json(os.path.join(workdir, RUN_INFO_FILE), run_info(config))
+    # One writer: the processes of a multi-host job share the workdir, and two writing
+    # the same file would race on its `.tmp` (the second rename finds it gone).
+    if jax.process_index() == 0:
+        write_json(config_path, config_to_dict(config))
+        write_json(os.path.join(workdir, RUN_INFO_FILE), run_info(config))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -94,7 +97,8 @@ def load_or_build_vocab(workdir: str, build) -> text.Vocabulary:
     if os.path.exists(path):
         return text.Vocabulary.load(path)
     vocab = build()
-    vocab.save(path)
+    if jax.process_index() == 0:  # every process builds the same words; one writes them
+        vocab.save(path)
     return vocab
 
 
