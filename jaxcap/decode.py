@@ -182,7 +182,11 @@ def _expand(alive: _Hypotheses, alpha_BxKxR, log_p_BxKxV, t, beams: int) -> _Can
     """The 2K best extensions: at most K end in <end> (one per parent), so at least K continue."""
     batch, _, vocab = log_p_BxKxV.shape
     total_BxKV = (alive.log_prob_BxK[..., None] + log_p_BxKxV).reshape(batch, -1)
-    log_prob_Bx2K, flat_Bx2K = jax.lax.top_k(total_BxKV, 2 * beams)
+    # The barrier keeps XLA from fusing the result into its consumers, which inside
+    # the while loop turns the top-k into a full sort of K x vocab per image (~5x
+    # slower beam search on CPU, measured in bench/decode.py).
+    log_prob_Bx2K, flat_Bx2K = jax.lax.optimization_barrier(
+        jax.lax.top_k(total_BxKV, 2 * beams))
     parent_Bx2K, token_Bx2K = flat_Bx2K // vocab, (flat_Bx2K % vocab).astype(jnp.int32)
     tokens_Bx2KxL = _take(alive.tokens_BxKxL, parent_Bx2K).at[:, :, t].set(token_Bx2K)
     # The attention of step t belongs to the parent that ran it. The histories are

@@ -1,5 +1,6 @@
 """Greedy decoding on device agrees with teacher forcing of the same model."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,10 +31,11 @@ def test_greedy_tokens_are_the_argmax_of_teacher_forcing_on_themselves(model_and
     inputs = np.concatenate([np.full((5, 1), text.START), tokens[:, :-1]], axis=1)
     logits, alpha = model.apply(variables, features, jnp.asarray(inputs, jnp.int32))
     log_p = np.asarray(jax.nn.log_softmax(logits))
+    allowed = np.where(np.isin(np.arange(VOCAB), [text.PAD, text.START]), -np.inf, log_p)  # never emitted
     for row in range(5):
         ends = np.flatnonzero(tokens[row] == text.END)
         length = ends[0] + 1 if ends.size else MAX_LEN
-        np.testing.assert_array_equal(tokens[row, :length], log_p[row, :length].argmax(-1))
+        np.testing.assert_array_equal(tokens[row, :length], allowed[row, :length].argmax(-1))
         np.testing.assert_array_equal(tokens[row, length:], text.PAD)
         expected = log_p[row, np.arange(length), tokens[row, :length]].sum()
         np.testing.assert_allclose(out.log_prob_B[row], expected, rtol=1e-5, atol=1e-5)
@@ -50,3 +52,30 @@ def test_decoding_stops_at_the_end_token(model_and_variables):
     np.testing.assert_array_equal(out.tokens_BxL[:, 1:], text.PAD)
     np.testing.assert_allclose(out.log_prob_B, 0.0, atol=1e-4)
 
+
+def test_decoder_compiles_once_for_every_batch_of_the_same_shape(model_and_variables, monkeypatch):
+    # Evaluation decodes a split batch after batch, and training validates every N
+    # steps with new parameters: none of that may trace (and compile) again.
+    model, variables, features = model_and_variables
+    monkeypatch.setattr(decode, 'greedy_decode', chex.assert_max_traces(decode.greedy_decode, n=1))
+    decoder = decode.make_decoder(model, MAX_LEN, beam_size=1)
+    for seed in range(3):
+        new_variables = jax.tree.map(lambda x: x + 0.01 * seed, variables)
+        new_features = jax.random.normal(jax.random.key(seed), features.shape)
+        jax.block_until_ready(decoder(new_variables, new_features))
+    assert decoder._cache_size() == 1
+
+
+def test_decoding_step_and_teacher_forcing_share_one_set_of_numbers(model_and_variables):
+    # `Captioner.step` (decoding) and `Captioner.decode` (training's scan with the
+    # hoisted input projection) must compute the same function of the same parameters.
+    model, variables, features = model_and_variables
+    tokens = jax.random.randint(jax.random.key(3), (5, MAX_LEN), 0, VOCAB)
+    logits, alpha = model.apply(variables, features, tokens)
+    regions = model.apply(variables, features, method=captioner.Captioner.encode)
+    state, keys = model.apply(variables, regions, method=captioner.Captioner.start)
+    for t in range(MAX_LEN):
+        state, step_logits, step_alpha = model.apply(variables, state, tokens[:, t], regions, keys,
+                                                     method=captioner.Captioner.step)
+        np.testing.assert_allclose(step_logits, logits[:, t], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(step_alpha, alpha[:, t], rtol=1e-5, atol=1e-7)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxcap.models import captioner, resnet
 from jaxcap.models.attention import BahdanauAttention
-from jaxcap.models.decoder import Decoder
+from jaxcap.models.decoder import Decoder, LSTMCell
 
 
 def _count(tree):
@@ -27,6 +27,30 @@ def test_reference_decoder_has_the_keras_parameter_count():
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 7, 7, 2048)),
                             jnp.zeros((1, 34), jnp.int32))
     assert _count(shapes['params']) == 8_962_697
+
+
+def test_reference_decoder_keeps_the_keras_parameter_layout():
+    # Checkpoints and converted Keras weights are addressed by these paths and
+    # shapes; the fused/sliced step must not change them. lstm1's kernel reads
+    # [context (256), word (256)], in that order.
+    model = captioner.Captioner(vocab_size=5000, stage_sizes=())
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 7, 7, 2048)),
+                            jnp.zeros((1, 34), jnp.int32))
+    flat = {jax.tree_util.keystr(path): leaf.shape
+            for path, leaf in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]}
+    d = "['decoder']"
+    assert flat == {
+        "['project']['kernel']": (2048, 256), "['project']['bias']": (256,),
+        f"{d}['embedding']['embedding']": (5000, 256),
+        f"{d}['attention']['W1']['kernel']": (256, 512), f"{d}['attention']['W1']['bias']": (512,),
+        f"{d}['attention']['W2']['kernel']": (512, 512), f"{d}['attention']['W2']['bias']": (512,),
+        f"{d}['attention']['V']['kernel']": (512, 1), f"{d}['attention']['V']['bias']": (1,),
+        f"{d}['lstm1']['kernel']": (512, 2048), f"{d}['lstm1']['recurrent_kernel']": (512, 2048),
+        f"{d}['lstm1']['bias']": (2048,),
+        f"{d}['lstm2']['kernel']": (512, 2048), f"{d}['lstm2']['recurrent_kernel']": (512, 2048),
+        f"{d}['lstm2']['bias']": (2048,),
+        f"{d}['logits']['kernel']": (512, 5000), f"{d}['logits']['bias']": (5000,),
+    }
 
 
 def test_resnet50_has_the_keras_parameter_count_and_grid():
@@ -86,6 +110,64 @@ def test_scan_equals_a_python_loop_over_the_same_cell():
     loop_logits, loop_alpha = unrolled_apply(variables)
     np.testing.assert_allclose(logits, loop_logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(alpha, loop_alpha, rtol=1e-5, atol=1e-7)
+
+
+def _unrolled_step_loss(decoder, features, tokens, weights_logits, weights_alpha):
+    """A loss of logits and attention, through a Python loop over `Decoder.step` (autodiff)."""
+    def loss(variables):
+        d = decoder.bind(variables)
+        state, keys = d.initial_state(tokens.shape[0]), d.attention_keys(features)
+        total = 0.0
+        for t in range(tokens.shape[1]):
+            state, (hidden, alpha) = d.step(state, tokens[:, t], features, keys)
+            total += jnp.sum(d.logits(hidden) * weights_logits[:, t]) + jnp.sum(alpha * weights_alpha[:, t])
+        return total
+    return loss
+
+
+def test_hand_written_backward_pass_equals_autodiff_through_the_step():
+    # Teacher forcing runs `recurrence`, whose gradient is written by hand (weight
+    # gradients as one matmul over all steps); decoding runs `step`, which autodiff
+    # differentiates. Both must agree, for the logits' and the attention's gradients.
+    decoder, variables, features, tokens = _decoder_and_inputs(steps=5)
+    k1, k2 = jax.random.split(jax.random.key(7))
+    weights_logits = jax.random.normal(k1, tokens.shape + (11,))
+    weights_alpha = jax.random.normal(k2, tokens.shape + (6,))
+
+    def scan_loss(variables, features):
+        logits, alpha = decoder.apply(variables, features, tokens)
+        return jnp.sum(logits * weights_logits) + jnp.sum(alpha * weights_alpha)
+
+    def loop_loss(variables, features):
+        return _unrolled_step_loss(decoder, features, tokens, weights_logits, weights_alpha)(variables)
+
+    scan_value, scan_grads = jax.jit(jax.value_and_grad(scan_loss, argnums=(0, 1)))(variables, features)
+    loop_value, loop_grads = jax.jit(jax.value_and_grad(loop_loss, argnums=(0, 1)))(variables, features)
+    np.testing.assert_allclose(scan_value, loop_value, rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(loop_grads))
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(scan_grads)[0],
+                                 jax.tree.leaves(loop_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    # The V bias gets no gradient at all (softmax ignores a shift), so check that
+    # every other parameter really was exercised.
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(scan_grads[0]['params']['lstm1']))
+
+
+def test_lstm_cell_matches_a_hand_computation():
+    cell = LSTMCell(units=3)
+    h, c = jnp.full((2, 3), 0.1), jnp.full((2, 3), -0.2)
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    variables = captioner.init_variables(cell, 0, (h, c), x)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
+    x64, h64 = np.asarray(x, np.float64), np.asarray(h, np.float64)
+    z = x64 @ p['kernel'] + h64 @ p['recurrent_kernel'] + p['bias']
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    i, f, g, o = np.split(z, 4, axis=-1)   # Keras order
+    want_c = sigmoid(f) * -0.2 + sigmoid(i) * np.tanh(g)
+    got_h, got_c = cell.apply(variables, (h, c), x)
+    np.testing.assert_allclose(got_c, want_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_h, sigmoid(o) * np.tanh(want_c), rtol=1e-5, atol=1e-6)
 
 
 def test_logits_at_step_t_do_not_depend_on_later_tokens():

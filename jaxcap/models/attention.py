@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+class DenseParams(nn.Module):
+    """The parameters of `nn.Dense(features)`, returned instead of applied.
+
+    Same names, shapes, initialisers and creation order as `nn.Dense`, so the
+    parameter tree (and its initial values) is exactly a Dense layer's; callers
+    get the raw kernel so they can fuse it with other matmuls that share an input.
+    """
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param('kernel', nn.initializers.lecun_normal(), (in_features, self.features))
+        bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+        return kernel, bias
 
 
 class BahdanauAttention(nn.Module):
@@ -12,25 +30,89 @@ class BahdanauAttention(nn.Module):
 
     The keys `W1 f` do not depend on the time step, so callers that attend many
     times over the same image compute them once with `project_keys` and pass them
-    to `attend`; `__call__` does both, for one-off use.
+    to `attend`; `__call__` does both, for one-off use. `query_weights` and
+    `score_weights` hand out W2 and V so that a decoder can fuse W2 with other
+    matmuls on the same hidden state and call `attend_projected` itself.
+
+    Attributes:
+      units: size of the keys and queries (W1/W2 outputs).
+      dtype: compute dtype of the key projection (parameters stay float32).
     """
     units: int
+    dtype: Any = jnp.float32
 
     def setup(self):
-        self.W1 = nn.Dense(self.units, name='W1')   # image regions -> keys
-        self.W2 = nn.Dense(self.units, name='W2')   # decoder state -> query
-        self.V = nn.Dense(1, name='V')              # energy -> score
+        self.W1 = nn.Dense(self.units, dtype=self.dtype, name='W1')   # image regions -> keys
+        self.W2 = DenseParams(self.units, name='W2')                   # decoder state -> query
+        self.V = DenseParams(1, name='V')                              # energy -> score
 
     def project_keys(self, features_BxRxD: jax.Array) -> jax.Array:
         return self.W1(features_BxRxD)
 
+    def query_weights(self, query_dim: int) -> tuple[jax.Array, jax.Array]:
+        """W2's (kernel_HxA, bias_A)."""
+        return self.W2(query_dim)
+
+    def score_weights(self) -> tuple[jax.Array, jax.Array]:
+        """V as (kernel_A, scalar bias): one score per region."""
+        kernel, bias = self.V(self.units)
+        return kernel[:, 0], bias[0]
+
     def attend(self, keys_BxRxA, values_BxRxD, query_BxH):
         """Returns (context_BxD, alpha_BxR) for one query per image."""
-        energy_BxRxA = jnp.tanh(keys_BxRxA + self.W2(query_BxH)[:, None, :])
-        scores_BxR = self.V(energy_BxRxA)[..., 0]
-        alpha_BxR = jax.nn.softmax(scores_BxR, axis=-1)
-        context_BxD = jnp.einsum('br,brd->bd', alpha_BxR, values_BxRxD)
-        return context_BxD, alpha_BxR
+        kernel, bias = self.query_weights(query_BxH.shape[-1])
+        query_BxA = jnp.dot(query_BxH.astype(self.dtype), kernel.astype(self.dtype),
+                            preferred_element_type=jnp.float32) + bias
+        return attend_projected(keys_BxRxA, values_BxRxD, query_BxA, *self.score_weights())
 
     def __call__(self, features_BxRxD, query_BxH):
         return self.attend(self.project_keys(features_BxRxD), features_BxRxD, query_BxH)
+
+
+def attend_projected(keys_BxRxA, values_BxRxD, query_BxA, score_kernel_A, score_bias):
+    """Context and weights from projected keys and query (pure: scan bodies call it).
+
+    Softmax runs in float32 whatever the compute dtype.
+    """
+    scores_BxR = additive_scores(keys_BxRxA, query_BxA, score_kernel_A, score_bias)
+    alpha_BxR = jax.nn.softmax(scores_BxR, axis=-1)
+    context_BxD = jnp.einsum('br,brd->bd', alpha_BxR.astype(values_BxRxD.dtype), values_BxRxD,
+                             preferred_element_type=jnp.float32)
+    return context_BxD, alpha_BxR
+
+
+@jax.checkpoint
+def additive_scores(keys_BxRxA, query_BxA, score_kernel_A, score_bias):
+    """V tanh(keys + query) per region, recomputed (not stored) for the backward pass.
+
+    The (B, R, A) energy is the largest tensor of a decoder step: stored for the
+    backward pass it would be T of them (218 MB per reference batch, written and
+    read back), while recomputing it costs one fused add+tanh per step. A
+    multiply-and-sum, not a (.., A) x (A, 1) matmul, so that XLA fuses add, tanh,
+    multiply and the sum over A into one pass and never writes the energy out.
+    """
+    energy_BxRxA = _energy(keys_BxRxA, query_BxA)
+    return jnp.sum(energy_BxRxA * score_kernel_A.astype(jnp.float32), axis=-1) + score_bias
+
+
+def _energy(keys_BxRxA, query_BxA):
+    return jnp.tanh(keys_BxRxA.astype(jnp.float32) + query_BxA[:, None, :])
+
+
+def scores_backward(keys_BxRxA, query_BxA, score_kernel_A, d_scores_BxR, d_keys_acc_BxRxA):
+    """The gradients of `additive_scores` for a hand-written backward pass.
+
+    Recomputes the energy instead of reading a stored one. Returns (d_query_BxA,
+    d_keys_acc + d_keys, d_score_kernel_A); the keys' gradient is added to a
+    running sum because the same keys serve every time step.
+    """
+    energy_BxRxA = _energy(keys_BxRxA, query_BxA)
+    d_energy_BxRxA = (d_scores_BxR[..., None] * score_kernel_A.astype(jnp.float32)
+                      * (1.0 - energy_BxRxA * energy_BxRxA))
+    d_kernel_A = jnp.einsum('br,bra->a', d_scores_BxR, energy_BxRxA)
+    return d_energy_BxRxA.sum(axis=1), d_keys_acc_BxRxA + d_energy_BxRxA, d_kernel_A
+
+
+def softmax_backward(alpha_BxR, d_alpha_BxR):
+    """d scores from d alpha, for alpha = softmax(scores) over the last axis."""
+    return alpha_BxR * (d_alpha_BxR - jnp.sum(alpha_BxR * d_alpha_BxR, axis=-1, keepdims=True))

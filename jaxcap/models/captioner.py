@@ -42,6 +42,9 @@ class Captioner(nn.Module):
       train_stages: encoder stages that learn, from the top (-1 all, 0 frozen).
       bn_axis_name: the mapped batch axis of a per-device training step (global
         BatchNorm statistics); None everywhere else.
+      dtype: compute dtype of the projection and the decoder's matmuls
+        ('bfloat16': mixed precision for GPU/TPU). Parameters, recurrent
+        states, softmaxes and logits stay float32; the ResNet runs in float32.
     """
     vocab_size: int
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -53,16 +56,17 @@ class Captioner(nn.Module):
     position_embedding: bool = False
     train_stages: int = -1
     bn_axis_name: str | None = None
+    dtype: str = 'float32'
 
     def setup(self):
         if self.stage_sizes:
             self.encoder = ResNet(tuple(self.stage_sizes), self.num_filters, self.train_stages,
                                   self.bn_axis_name, name='encoder')
-        self.project = nn.Dense(self.embed_dim, name='project')
+        self.project = nn.Dense(self.embed_dim, dtype=self.dtype, name='project')
         if self.position_embedding:
             self.position = PositionEmbedding(name='position')
         self.decoder = Decoder(self.vocab_size, self.embed_dim, self.units,
-                               self.attention_units, name='decoder')
+                               self.attention_units, dtype=jnp.dtype(self.dtype), name='decoder')
 
     def encode_grid(self, images, train: bool = False):
         """uint8 images (B,H,W,3) -> the encoder's grid (B,h,w,C): what the feature cache stores."""
@@ -107,6 +111,8 @@ class Captioner(nn.Module):
 
 def from_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> Captioner:
     """Builds the captioner a config describes (`config.model`)."""
+    if model_config.dtype not in ('float32', 'bfloat16'):
+        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {model_config.dtype!r}.")
     return Captioner(
         vocab_size=vocab_size,
         stage_sizes=tuple(model_config.encoder.stage_sizes),
@@ -116,7 +122,8 @@ def from_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> Cap
         units=model_config.units,
         attention_units=model_config.attention_units,
         position_embedding=model_config.position_embedding,
-        train_stages=model_config.encoder.train_stages)
+        train_stages=model_config.encoder.train_stages,
+        dtype=model_config.dtype)
 
 
 def init_variables(module: nn.Module, seed: int, *inputs, **kwargs):

@@ -1,18 +1,49 @@
-"""The decoder: one step cell (attend, embed, LSTM, LSTM), run over time by `nn.scan`.
+"""The decoder: one step function (attend, LSTM, LSTM), run over time by `jax.lax.scan`.
 
-Training (teacher forcing) and inference call the same `step`, so a trained model
-decodes with exactly the function it was trained with.
+Training (teacher forcing) and inference run the same step function (`_step`) on
+the same parameters, so a trained model decodes with exactly the function it was
+trained with.
+
+Speed: everything that does not depend on the time step runs outside the loop.
+The attention keys `W1 f` are computed once per image; the word embeddings' half
+of the first LSTM's input projection is one matmul over all steps (its kernel is
+the embedding rows of `lstm1/kernel`, sliced, so the parameter layout stays
+Keras'); the vocabulary projection runs once after the loop. Inside the loop,
+matmuls that read the same input are fused: the previous top hidden state feeds
+the attention query (W2) and the second LSTM's recurrent term in one matmul, and
+[context, h1] meets the first LSTM's context rows and recurrent kernel in one.
+The loop body is a pure function of arrays (no Flax module inside the scan).
+
+Teacher forcing differentiates through `recurrence`, whose backward pass is
+written by hand (`_recurrence_bwd`): the reverse loop does only the per-step
+work, and every weight gradient is then one matmul over all steps. The attention
+energy tanh(keys + query), the largest per-step tensor, is recomputed there
+rather than stored. tests/test_models.py checks the gradients against autodiff
+through the step that decoding runs.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcap.models.attention import BahdanauAttention
+from jaxcap.models.attention import (BahdanauAttention, attend_projected, scores_backward,
+                                     softmax_backward)
+
+
+def _dot(x, kernel):
+    """x @ kernel in the kernel's (compute) dtype, accumulated and returned in float32."""
+    return jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+
+
+def lstm_update(z_Bx4U, c_BxU):
+    """(h, c) from the summed gate pre-activations, in Keras order (i, f, c, o)."""
+    h, c, _ = _lstm_forward(z_Bx4U, c_BxU)
+    return h, c
 
 
 class LSTMCell(nn.Module):
@@ -20,20 +51,23 @@ class LSTMCell(nn.Module):
 
     One `kernel` (input) and one `recurrent_kernel` matmul produce all four gates,
     which is both faster than four small matmuls and the layout Keras weights use.
+    `weights` hands the parameters out, so a decoder can fuse or hoist parts of
+    the input projection; `__call__` is the plain cell.
     """
     units: int
 
     @nn.compact
-    def __call__(self, carry, x):
-        h, c = carry
-        kernel = self.param('kernel', nn.initializers.glorot_uniform(), (x.shape[-1], 4 * self.units))
+    def weights(self, input_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(kernel_Ix4U, recurrent_kernel_Ux4U, bias_4U)."""
+        kernel = self.param('kernel', nn.initializers.glorot_uniform(), (input_dim, 4 * self.units))
         recurrent = self.param('recurrent_kernel', nn.initializers.orthogonal(), (self.units, 4 * self.units))
         bias = self.param('bias', _unit_forget_bias, (4 * self.units,))
-        z = x @ kernel + h @ recurrent + bias
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return h, c
+        return kernel, recurrent, bias
+
+    def __call__(self, carry, x):
+        h, c = carry
+        kernel, recurrent, bias = self.weights(x.shape[-1])
+        return lstm_update(x @ kernel + h @ recurrent + bias, c)
 
 
 def _unit_forget_bias(key, shape, dtype=jnp.float32):
@@ -51,19 +85,53 @@ class DecoderState(NamedTuple):
     c2: jax.Array
 
 
+class StepWeights(NamedTuple):
+    """The parameters one step uses, sliced and fused once per call (never per step).
+
+    Kernels are in the compute dtype; biases stay float32.
+    """
+    h2_kernel: jax.Array       # (U, A + 4U): [attention W2 | lstm2 recurrent], both read h2(t-1)
+    query_bias: jax.Array      # (A,) W2 bias
+    score_kernel: jax.Array    # (A,) attention V
+    score_bias: jax.Array      # () attention V bias
+    lstm1_kernel: jax.Array    # (D + U, 4U): [lstm1 kernel's context rows ; lstm1 recurrent]
+    lstm2_kernel: jax.Array    # (U, 4U) lstm2 input kernel
+    lstm2_bias: jax.Array      # (4U,)
+
+
+class InputWeights(NamedTuple):
+    """The word half of the first LSTM's input projection (hoisted out of the loop)."""
+    kernel: jax.Array          # (E, 4U): lstm1 kernel's embedding rows
+    bias: jax.Array            # (4U,) lstm1 bias (added here, once, not per step)
+
+
 class Decoder(nn.Module):
-    """Attention LSTM decoder: attends with the top layer's previous h (Show, Attend and Tell)."""
+    """Attention LSTM decoder: attends with the top layer's previous h (Show, Attend and Tell).
+
+    Attributes:
+      vocab_size: output classes.
+      embed_dim: word embedding size.
+      units: LSTM units.
+      attention_units: W1/W2 size.
+      dtype: compute dtype of the matmuls ('bfloat16' for mixed precision);
+        parameters, the recurrent state, gate arithmetic, softmaxes and the
+        returned logits stay float32.
+    """
     vocab_size: int
     embed_dim: int
     units: int
     attention_units: int
+    dtype: Any = jnp.float32
 
     def setup(self):
         self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embedding')
-        self.attention = BahdanauAttention(self.attention_units, name='attention')
+        self.attention = BahdanauAttention(self.attention_units, dtype=self.dtype, name='attention')
         self.lstm1 = LSTMCell(self.units, name='lstm1')
         self.lstm2 = LSTMCell(self.units, name='lstm2')
-        self.out = nn.Dense(self.vocab_size, name='logits')
+        # Accumulated and returned in float32: the loss' softmax needs the precision.
+        self.out = nn.Dense(self.vocab_size, dtype=self.dtype, name='logits',
+                            dot_general=functools.partial(jax.lax.dot_general,
+                                                          preferred_element_type=jnp.float32))
 
     def initial_state(self, batch_size: int) -> DecoderState:
         zeros = jnp.zeros((batch_size, self.units), jnp.float32)
@@ -72,32 +140,207 @@ class Decoder(nn.Module):
     def attention_keys(self, features_BxRxD):
         return self.attention.project_keys(features_BxRxD)
 
+    def weights(self, feature_dim: int) -> tuple[StepWeights, InputWeights]:
+        """Slices and fuses the parameters for `_step` (the layout stays Keras')."""
+        kernel1, recurrent1, bias1 = self.lstm1.weights(feature_dim + self.embed_dim)
+        kernel2, recurrent2, bias2 = self.lstm2.weights(self.units)
+        w2_kernel, w2_bias = self.attention.query_weights(self.units)
+        v_kernel, v_bias = self.attention.score_weights()
+        # The reference concatenates [context, embedding] into lstm1: the first
+        # feature_dim rows of its kernel read the context, the rest the word.
+        context_rows, word_rows = kernel1[:feature_dim], kernel1[feature_dim:]
+        cast = lambda x: x.astype(self.dtype)  # noqa: E731
+        step = StepWeights(
+            h2_kernel=cast(jnp.concatenate([w2_kernel, recurrent2], axis=1)),
+            query_bias=w2_bias, score_kernel=cast(v_kernel), score_bias=v_bias,
+            lstm1_kernel=cast(jnp.concatenate([context_rows, recurrent1], axis=0)),
+            lstm2_kernel=cast(kernel2), lstm2_bias=bias2)
+        return step, InputWeights(cast(word_rows), bias1)
+
+    def input_gates(self, tokens, weights: InputWeights):
+        """The words' share of lstm1's gate pre-activations (any leading shape) -> (..., 4U)."""
+        return _dot(self.embed(tokens), weights.kernel) + weights.bias
+
     def step(self, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
         """One time step. Returns (new state, (top hidden h2_BxU, alpha_BxR))."""
-        context_BxD, alpha_BxR = self.attention.attend(keys_BxRxA, features_BxRxD, state.h2)
-        x = jnp.concatenate([context_BxD, self.embed(token_B)], axis=-1)
-        h1, c1 = self.lstm1((state.h1, state.c1), x)
-        h2, c2 = self.lstm2((state.h2, state.c2), h1)
-        return DecoderState(h1, c1, h2, c2), (h2, alpha_BxR)
+        step_weights, input_weights = self.weights(features_BxRxD.shape[-1])
+        gates_Bx4U = self.input_gates(token_B, input_weights)
+        return _step(step_weights, state, gates_Bx4U, features_BxRxD, keys_BxRxA)
 
     def logits(self, hidden_BxU):
-        return self.out(hidden_BxU)
+        """Vocabulary logits, float32 whatever the compute dtype (the loss needs the precision)."""
+        return self.out(hidden_BxU).astype(jnp.float32)
 
     def __call__(self, features_BxRxD, tokens_BxT):
         """Teacher forcing: feeds tokens[:, t] at step t. Returns logits_BxTxV, alpha_BxTxR."""
         keys_BxRxA = self.attention_keys(features_BxRxD)
-        scan = nn.scan(
-            _scan_body,
-            variable_broadcast='params',
-            split_rngs={'params': False},
-            in_axes=(1, nn.broadcast, nn.broadcast),
-            out_axes=1)
-        state = self.initial_state(tokens_BxT.shape[0])
-        _, (hidden_BxTxU, alpha_BxTxR) = scan(self, state, tokens_BxT, features_BxRxD, keys_BxRxA)
+        step_weights, input_weights = self.weights(features_BxRxD.shape[-1])
+        # Time-major, so the scan slices its input without a transpose of the big tensor.
+        gates_TxBx4U = self.input_gates(tokens_BxT.T, input_weights)
+
+        hidden_TxBxU, alpha_TxBxR = recurrence(step_weights, gates_TxBx4U, features_BxRxD,
+                                               keys_BxRxA)
         # The vocabulary projection does not feed back into the recurrence, so it
         # runs once over all steps after the scan: one big matmul, not T small ones.
-        return self.logits(hidden_BxTxU), alpha_BxTxR
+        return self.logits(hidden_TxBxU.swapaxes(0, 1)), alpha_TxBxR.swapaxes(0, 1)
 
 
-def _scan_body(decoder: Decoder, state, token_B, features_BxRxD, keys_BxRxA):
-    return decoder.step(state, token_B, features_BxRxD, keys_BxRxA)
+def _step(weights: StepWeights, state: DecoderState, gates1_Bx4U, features_BxRxD, keys_BxRxA):
+    """One step (what decoding runs): `_step_forward` without the backward pass' extras."""
+    state, outputs, _ = _step_forward(weights, state, gates1_Bx4U, features_BxRxD, keys_BxRxA)
+    return state, outputs
+
+
+class _Saved(NamedTuple):
+    """What the backward pass needs of one step, besides the states (stacked over time)."""
+    query_BxA: jax.Array
+    alpha_BxR: jax.Array
+    context_BxD: jax.Array
+    gates1: tuple[jax.Array, ...]   # lstm1's i, f, g, o after their nonlinearities
+    gates2: tuple[jax.Array, ...]   # lstm2's
+
+
+def _step_forward(weights: StepWeights, state: DecoderState, gates1_Bx4U, features_BxRxD,
+                  keys_BxRxA):
+    """attend with h2(t-1) -> lstm1([context, word]) -> lstm2; the words' gates come precomputed.
+
+    Returns (new state, (h2, alpha_BxR), what the backward pass needs).
+    """
+    attention_units = weights.query_bias.shape[0]
+    from_h2_BxAp4U = _dot(state.h2, weights.h2_kernel)
+    query_BxA = from_h2_BxAp4U[:, :attention_units] + weights.query_bias
+    recurrent2_Bx4U = from_h2_BxAp4U[:, attention_units:]
+    context_BxD, alpha_BxR = attend_projected(keys_BxRxA, features_BxRxD, query_BxA,
+                                              weights.score_kernel, weights.score_bias)
+    context_h1 = jnp.concatenate([context_BxD, state.h1], axis=-1)
+    h1, c1, gates1 = _lstm_forward(_dot(context_h1, weights.lstm1_kernel) + gates1_Bx4U, state.c1)
+    h2, c2, gates2 = _lstm_forward(
+        _dot(h1, weights.lstm2_kernel) + recurrent2_Bx4U + weights.lstm2_bias, state.c2)
+    saved = _Saved(query_BxA, alpha_BxR, context_BxD, gates1, gates2)
+    return DecoderState(h1, c1, h2, c2), (h2, alpha_BxR), saved
+
+
+def _lstm_forward(z_Bx4U, c_BxU):
+    """`lstm_update`, also returning the gate activations (i, f, g, o) for the backward pass."""
+    i, f, g, o = jnp.split(z_Bx4U, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c_BxU + i * g
+    return o * jnp.tanh(c), c, (i, f, g, o)
+
+
+def _lstm_backward(gates, c_prev_BxU, c_BxU, d_h_BxU, d_c_BxU):
+    """(d z_Bx4U, d c_prev) of `_lstm_forward`, from the gradients of its h and c."""
+    i, f, g, o = gates
+    tanh_c = jnp.tanh(c_BxU)
+    d_c = d_c_BxU + d_h_BxU * o * (1.0 - tanh_c * tanh_c)
+    d_z = jnp.concatenate([d_c * g * i * (1.0 - i), d_c * c_prev_BxU * f * (1.0 - f),
+                           d_c * i * (1.0 - g * g), d_h_BxU * tanh_c * o * (1.0 - o)], axis=-1)
+    return d_z, d_c * f
+
+
+def _run(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
+    """The scan over time from zero states: ((h2_TxBxU, alpha_TxBxR), (saved, states))."""
+    batch, units = gates1_TxBx4U.shape[1], gates1_TxBx4U.shape[2] // 4
+    zeros = jnp.zeros((batch, units), jnp.float32)
+
+    def body(state, gates1_Bx4U):
+        state, outputs, saved = _step_forward(weights, state, gates1_Bx4U, features_BxRxD, keys_BxRxA)
+        return state, (outputs, saved, state)
+
+    _, (outputs, saved, states) = jax.lax.scan(body, DecoderState(zeros, zeros, zeros, zeros),
+                                                gates1_TxBx4U)
+    return outputs, (saved, states)
+
+
+@jax.custom_vjp
+def recurrence(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
+    """Teacher-forced steps from zero states: (h2_TxBxU, alpha_TxBxR).
+
+    The same forward pass as autodiff through a scan of `_step`, with a
+    hand-written backward pass that is cheaper on the machine: the reverse scan
+    computes only what depends on the time step (the gate, state and attention
+    gradients) and emits the per-step gate gradients; each weight's gradient is
+    then one matmul over all T*B rows (sum_t x_t^T dz_t), not T small matmuls each
+    added into a running sum. Same for the features' gradient through the context.
+    """
+    return _run(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA)[0]
+
+
+def _recurrence_fwd(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
+    outputs, (saved, states) = _run(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA)
+    return outputs, (weights, features_BxRxD, keys_BxRxA, saved, states)
+
+
+def _shift(x_TxBxU):
+    """x[t-1] at t, zeros at t = 0: the previous step's state (all start at zero)."""
+    return jnp.concatenate([jnp.zeros_like(x_TxBxU[:1]), x_TxBxU[:-1]], axis=0)
+
+
+def _sum_tb(x_TxBxI, dz_TxBxJ, dtype):
+    """sum_t x_t^T dz_t in one matmul, in the compute dtype, accumulated in float32."""
+    return jnp.einsum('tbi,tbj->ij', x_TxBxI.astype(dtype), dz_TxBxJ.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _recurrence_bwd(residuals, d_outputs):
+    weights, features_BxRxD, keys_BxRxA, saved, states = residuals
+    d_h2_TxBxU, d_alpha_TxBxR = d_outputs
+    feature_dim = features_BxRxD.shape[-1]
+    # Transposed once here, so the loop's matmuls read row-major weights.
+    lstm1_t, lstm2_t, h2_t = weights.lstm1_kernel.T, weights.lstm2_kernel.T, weights.h2_kernel.T
+    c1_prev, c2_prev = _shift(states.c1), _shift(states.c2)
+
+    def body(carry, xs):
+        d_h1, d_c1, d_h2, d_c2, d_keys, d_score_kernel = carry
+        d_h2_ext, d_alpha_ext, s, c1, c1_prev, c2, c2_prev = xs
+        d_z2, d_c2 = _lstm_backward(s.gates2, c2_prev, c2, d_h2 + d_h2_ext, d_c2)
+        d_z1, d_c1 = _lstm_backward(s.gates1, c1_prev, c1, d_h1 + _dot(d_z2, lstm2_t), d_c1)
+        d_context_h1 = _dot(d_z1, lstm1_t)
+        d_context = d_context_h1[:, :feature_dim]
+        d_alpha = d_alpha_ext + jnp.einsum('bd,brd->br', d_context, features_BxRxD,
+                                           preferred_element_type=jnp.float32)
+        d_scores = softmax_backward(s.alpha_BxR, d_alpha)
+        d_query, d_keys, d_v = scores_backward(keys_BxRxA, s.query_BxA, weights.score_kernel,
+                                               d_scores, d_keys)
+        d_from_h2 = jnp.concatenate([d_query, d_z2], axis=-1)
+        carry = (d_context_h1[:, feature_dim:], d_c1, _dot(d_from_h2, h2_t), d_c2, d_keys,
+                 d_score_kernel + d_v)
+        return carry, (d_z1, d_from_h2, d_context, d_scores.sum())
+
+    batch, units = states.h1.shape[1:]
+    zeros = jnp.zeros((batch, units), jnp.float32)
+    init = (zeros, zeros, zeros, zeros, jnp.zeros(keys_BxRxA.shape, jnp.float32),
+            jnp.zeros(weights.score_kernel.shape, jnp.float32))
+    xs = (d_h2_TxBxU, d_alpha_TxBxR, saved, states.c1, c1_prev, states.c2, c2_prev)
+    carry, (d_z1, d_from_h2, d_context, d_score_bias) = jax.lax.scan(body, init, xs, reverse=True)
+    _, _, _, _, d_keys, d_score_kernel = carry
+    d_weights = _weight_grads(weights, saved, states, d_z1, d_from_h2, d_score_kernel,
+                              d_score_bias.sum())
+    d_features = _features_grad(saved.alpha_BxR, d_context, features_BxRxD.dtype)
+    # d_z1 is also the gradient of the words' gates: autodiff takes it on to the embeddings.
+    return d_weights, d_z1, d_features, d_keys.astype(keys_BxRxA.dtype)
+
+
+def _weight_grads(weights: StepWeights, saved: _Saved, states: DecoderState, d_z1, d_from_h2,
+                  d_score_kernel, d_score_bias) -> StepWeights:
+    """Each weight's gradient as one matmul over all steps and rows."""
+    dtype, attention_units = weights.lstm1_kernel.dtype, weights.query_bias.shape[0]
+    context_h1 = jnp.concatenate([saved.context_BxD, _shift(states.h1)], axis=-1)
+    d_z2 = d_from_h2[..., attention_units:]
+    return StepWeights(
+        h2_kernel=_sum_tb(_shift(states.h2), d_from_h2, dtype).astype(dtype),
+        query_bias=d_from_h2[..., :attention_units].sum(axis=(0, 1)),
+        score_kernel=d_score_kernel.astype(weights.score_kernel.dtype),
+        score_bias=d_score_bias,
+        lstm1_kernel=_sum_tb(context_h1, d_z1, dtype).astype(dtype),
+        lstm2_kernel=_sum_tb(states.h1, d_z2, dtype).astype(dtype),
+        lstm2_bias=d_z2.sum(axis=(0, 1)))
+
+
+def _features_grad(alpha_TxBxR, d_context_TxBxD, dtype):
+    """sum_t alpha_t (x) d_context_t, per image: one batched matmul over the steps."""
+    return jnp.einsum('tbr,tbd->brd', alpha_TxBxR, d_context_TxBxD,
+                      preferred_element_type=jnp.float32).astype(dtype)
+
+
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

@@ -1,0 +1,113 @@
+"""Greedy and beam-3 decoding at batch 64, against the TF baseline's decoders in the same run.
+
+    python bench/decode.py
+    python bench/decode.py --no-baseline
+
+Decodes 64 images' cached grids with `jaxcap.decode.make_decoder` (the whole
+caption in one jitted `lax.while_loop`) for 35 tokens: greedy, then beam search
+with 3 beams. The model is freshly initialised, so it practically never emits
+<end> and every caption runs all 35 steps, as the baseline's do (checked and
+reported as `mean_tokens`). The baseline (`seed_tf_baseline.py`) reports its
+compiled batched greedy (35 steps unrolled in one tf.function, batch 64) and its
+eager per-image loop (the reference's decoder: one Keras call and host sync per
+token). `ratio_vs_baseline` is the baseline's batched greedy time over ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch', type=int, default=common.BATCH)
+    parser.add_argument('--max-len', type=int, default=common.MAX_LEN)
+    parser.add_argument('--beam-size', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=5, help='timed calls per decoder per round')
+    parser.add_argument('--eager-images', type=int, default=10,
+                        help="images for the baseline's eager per-image loop")
+    common.add_baseline_flags(parser)
+    return parser.parse_args()
+
+
+def build(args):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcap import decode
+    from jaxcap.models import captioner
+    model = captioner.Captioner(vocab_size=common.VOCAB, stage_sizes=())
+    grids = jax.device_put(common.reference_batch(seed=1, batch=args.batch)['features'])
+    variables = captioner.init_variables(model, 0, grids[:1], jnp.zeros((1, args.max_len - 1), jnp.int32))
+    decoders = {'greedy': decode.make_decoder(model, args.max_len, beam_size=1),
+                f'beam{args.beam_size}': decode.make_decoder(model, args.max_len, beam_size=args.beam_size)}
+    return decoders, variables, grids
+
+
+def main():
+    args = parse_args()
+    import numpy as np
+
+    from jaxcap.data import text
+    decoders, variables, grids = build(args)
+    first_call_s, mean_tokens = {}, {}
+    for name, decoder in decoders.items():
+        start = time.perf_counter()
+        out = common.block(decoder(variables, grids))
+        first_call_s[name] = round(time.perf_counter() - start, 2)
+        mean_tokens[name] = float(np.mean(np.sum(np.asarray(out.tokens_BxL) != text.PAD, axis=1)))
+    times = {name: [] for name in decoders}
+
+    def round_of_timings():
+        # Each decoder's calls back to back: a 10 s beam search just before a greedy
+        # call leaves it cold caches (and its freed memory to fault in again).
+        for name, decoder in decoders.items():
+            times[name] += common.time_calls(lambda d=decoder: d(variables, grids), args.repeats)
+
+    common.log('our decoders, round 1')
+    round_of_timings()
+    baseline = None
+    if not args.no_baseline:
+        baseline = common.run_baseline(args.baseline, [
+            '--batch', '8', '--steps', '1', '--warmup', '0', '--decode-images', str(args.eager_images),
+            '--decode-batch', str(args.batch), '--decode-batch-reps', str(args.repeats)])
+        common.log('our decoders, round 2')
+        round_of_timings()
+    greedy, beam_name = statistics.median(times['greedy']), f'beam{args.beam_size}'
+    beam = statistics.median(times[beam_name])
+    result = {
+        'bench': 'decode', 'batch': args.batch, 'max_len': args.max_len, 'vocab': common.VOCAB,
+        'mean_tokens': mean_tokens, 'first_call_s (compile+decode)': first_call_s,
+        'greedy_ms_per_batch': common.ms(greedy),
+        f'{beam_name}_ms_per_batch': common.ms(beam),
+        'greedy_ms_per_image': common.ms(greedy / args.batch),
+        f'{beam_name}_ms_per_image': common.ms(beam / args.batch),
+        'ms_min_max': {name: [common.ms(min(t)), common.ms(max(t))] for name, t in times.items()},
+        'timed_calls_each': len(times['greedy']),
+        f'{beam_name}_over_greedy': round(beam / greedy, 2),
+        'greedy_gflop_analytic': round(common.decode_flop(args.batch, args.batch, args.max_len) / 1e9, 2),
+        'greedy_achieved_gflops': round(common.decode_flop(args.batch, args.batch, args.max_len)
+                                        / greedy / 1e9, 1),
+    }
+    if baseline:
+        eager_per_image_ms = baseline['greedy_decode_ms_per_image']
+        batched_ms = baseline['batched_greedy_ms_per_batch64']
+        result.update({
+            'baseline_batched_greedy_ms_per_batch': batched_ms,
+            'baseline_batched_greedy_ms_min_max': baseline['batched_greedy_ms_min_max'],
+            'baseline_eager_greedy_ms_per_image': eager_per_image_ms,
+            'baseline_peak_rss_mb': common.children_peak_rss_mb(),
+            'ratio_vs_baseline': round(batched_ms / common.ms(greedy), 2),
+            'greedy_per_image_vs_baseline_eager': round(eager_per_image_ms / (1e3 * greedy / args.batch), 1),
+            f'{beam_name}_per_image_vs_baseline_eager': round(eager_per_image_ms / (1e3 * beam / args.batch),
+                                                              1),
+        })
+    common.emit(result)
+
+
+if __name__ == '__main__':
+    main()
