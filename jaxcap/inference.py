@@ -113,10 +113,9 @@ def extract_features(config, split: str | None = None) -> list[str]:
     encode = jax.jit(functools.partial(model.apply, state.variables(),
                                        method=captioner.Captioner.encode_grid))
     fingerprint = features.fingerprint_encoder(config)
-    if split is None:
-        jobs = [(config.data.train_split, pipeline.load_train_source(config.data)),
-                (config.eval.split, pipeline.load_source(config.data, config.eval.split))]
-    else:
-        jobs = [(split, pipeline.load_source(config.data, split))]
+    splits = [config.data.train_split, config.eval.split] if split is None else [split]
+    # The training split is cached as training reads it: the data.train_fraction subset.
+    jobs = [(name, pipeline.load_train_source(config.data) if name == config.data.train_split
+             else pipeline.load_source(config.data, name)) for name in splits]
     return [features.extract_split(config, name, encode, fingerprint, source=records)
             for name, records in jobs]
