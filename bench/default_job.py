@@ -81,7 +81,7 @@ def main():
         'other_decodings': {name: {k: round(float(v[k]), 4) for k in METRICS if k in v}
                             for name, v in scores.items() if isinstance(v, dict) and name != 'greedy'},
         'stated_metrics': stated,
-        'metric_minus_stated': {k: round(float(measured[k]) - v, 4) for k, v in stated.items()
+        'metric_minus_stated': {k: round(float(measured[k]) - v, 4) + 0.0 for k, v in stated.items()
                                 if k in measured},
         'last_training_log': last_training_log(done.stderr),
         'job_peak_rss_mb': round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
