@@ -28,6 +28,8 @@ def write_json(path: str, obj) -> None:
     tmp = f'{path}.tmp'
     with open(tmp, 'w') as f:
         json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: readers see the old or the new file
     os.replace(tmp, path)
 
 

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from jaxcap import workdir
 from jaxcap.data import pipeline
 
 Record = dict[str, Any]
@@ -108,7 +109,7 @@ def extract(encode_fn: EncodeFn, source: Sequence[Record], out_dir: str, *, imag
             image_ids = _write_shard(encode_fn, source, out_dir, index, shard, batch_size,
                                      num_threads, bar)
             index['shards'][str(shard)] = image_ids
-            _write_json(os.path.join(out_dir, INDEX_FILE), index)
+            workdir.write_json(os.path.join(out_dir, INDEX_FILE), index)
     return out_dir
 
 
@@ -137,7 +138,7 @@ def _resume_or_start(source: Sequence[Record], out_dir: str, overwrite: bool,
                 'Delete that directory or choose another config.data.features_dir.')
         _remove_shards(out_dir)
     index = dict(header, grid_shape=None, shards={})
-    _write_json(path, index)
+    workdir.write_json(path, index)
     return index
 
 
@@ -459,16 +460,6 @@ def _file_sha256(path: str) -> str:
 def _read_json(path: str) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path: str, value: dict[str, Any]) -> None:
-    """Writes to a temporary file, syncs, then renames: readers see the old or the new index."""
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w') as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
 
 
 def _remove_temporaries(out_dir: str) -> None:
