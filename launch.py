@@ -96,6 +96,8 @@ def run():
 
 
 if __name__ == '__main__':
+    from jaxcap import hostmem
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process (see jaxcap/hostmem.py)
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     sys.path.insert(0, _REPO)  # `configs` importable from any working directory
     app.run(main)

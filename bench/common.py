@@ -33,6 +33,12 @@ EMBED_DIM, UNITS, ATTENTION_UNITS = 256, 512, 512
 REGIONS = GRID * GRID
 
 
+def reexec_with_huge_pages() -> None:
+    """What `launch.py` does first (`jaxcap.hostmem`), so that we time what users run."""
+    from jaxcap import hostmem
+    hostmem.reexec_with_huge_pages()
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -62,6 +68,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {'date': datetime.date.today().isoformat(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
+            'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
             'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__,
             'jax_device': str(jax.devices()[0].device_kind), 'python': platform.python_version()}
 
@@ -89,13 +96,21 @@ def median_ms(times_s: Sequence[float]) -> float:
     return ms(statistics.median(times_s))
 
 
-def run_baseline(path: str, args: Sequence[str], timeout_s: int = 3600) -> dict:
-    """Runs the TF baseline in a subprocess and returns its JSON line."""
+def run_baseline(path: str, args: Sequence[str], timeout_s: int = 3600, huge_pages: bool = False) -> dict:
+    """Runs the TF baseline in a subprocess and returns its JSON line.
+
+    It runs in the environment this script was started with: without the huge
+    pages `reexec_with_huge_pages` gave us, unless `huge_pages` (then with them,
+    to see what they would do for the baseline).
+    """
+    from jaxcap import hostmem
     if not os.path.exists(path):
         raise FileNotFoundError(f'TF baseline not found at {path}; pass --baseline=PATH or --no-baseline.')
     command = [sys.executable, path, *args]
-    log('baseline:', ' '.join(command))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    env = dict(os.environ) if huge_pages else hostmem.original_environment()
+    log('baseline:', ' '.join(command), '(GLIBC_TUNABLES=%s)' % env.get('GLIBC_TUNABLES', ''))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False,
+                          env=env)
     if done.returncode != 0:
         raise RuntimeError(f'baseline failed ({done.returncode}):\n{done.stderr[-3000:]}')
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -104,6 +119,8 @@ def run_baseline(path: str, args: Sequence[str], timeout_s: int = 3600) -> dict:
 def add_baseline_flags(parser) -> None:
     parser.add_argument('--baseline', default=DEFAULT_BASELINE, help='the TF baseline script')
     parser.add_argument('--no-baseline', action='store_true', help='skip the baseline (no ratios)')
+    parser.add_argument('--baseline-huge-pages', action='store_true',
+                        help="run the baseline with jaxcap's huge-page malloc tunable too (jaxcap/hostmem.py)")
 
 
 def reference_batch(seed: int = 0, batch: int = BATCH, max_len: int = MAX_LEN, vocab: int = VOCAB):
@@ -136,10 +153,14 @@ def encode_macs(images: int) -> int:
     return images * REGIONS * (FEATURE_DIM * EMBED_DIM + EMBED_DIM * ATTENTION_UNITS)
 
 
-def train_step_flop(batch: int = BATCH, steps: int = MAX_LEN - 1) -> float:
+def train_step_flop(batch: int = BATCH, steps: int = MAX_LEN - 1, logits_rows: int | None = None) -> float:
     """Forward + backward of the train step: 3x the forward matmuls, except that the
-    projection of the input grids needs no input gradient (2x)."""
-    forward_rest = batch * REGIONS * EMBED_DIM * ATTENTION_UNITS + steps * step_macs(batch)
+    projection of the input grids needs no input gradient (2x). `logits_rows`: the
+    rows the vocabulary projection runs on (jaxcap's packed loss skips padding;
+    default all batch x steps)."""
+    logits_rows = batch * steps if logits_rows is None else logits_rows
+    forward_rest = (batch * REGIONS * EMBED_DIM * ATTENTION_UNITS + steps * step_macs(batch)
+                    - (batch * steps - logits_rows) * UNITS * VOCAB)
     return 2.0 * (2 * batch * REGIONS * FEATURE_DIM * EMBED_DIM + 3 * forward_rest)
 
 

@@ -74,7 +74,8 @@ def main():
     if not args.no_baseline:
         baseline = common.run_baseline(args.baseline, [
             '--batch', '8', '--steps', '1', '--warmup', '0', '--decode-images', str(args.eager_images),
-            '--decode-batch', str(args.batch), '--decode-batch-reps', str(args.repeats)])
+            '--decode-batch', str(args.batch), '--decode-batch-reps', str(args.repeats)],
+            huge_pages=args.baseline_huge_pages)
         common.log('our decoders, round 2')
         round_of_timings()
     greedy, beam_name = statistics.median(times['greedy']), f'beam{args.beam_size}'
@@ -101,6 +102,7 @@ def main():
             'baseline_batched_greedy_ms_min_max': baseline['batched_greedy_ms_min_max'],
             'baseline_eager_greedy_ms_per_image': eager_per_image_ms,
             'baseline_peak_rss_mb': common.children_peak_rss_mb(),
+            'baseline_huge_pages': args.baseline_huge_pages,
             'ratio_vs_baseline': round(batched_ms / common.ms(greedy), 2),
             'greedy_per_image_vs_baseline_eager': round(eager_per_image_ms / (1e3 * greedy / args.batch), 1),
             f'{beam_name}_per_image_vs_baseline_eager': round(eager_per_image_ms / (1e3 * beam / args.batch),
@@ -110,4 +112,5 @@ def main():
 
 
 if __name__ == '__main__':
+    common.reexec_with_huge_pages()
     main()

@@ -141,4 +141,5 @@ def main():
 
 
 if __name__ == '__main__':
+    common.reexec_with_huge_pages()
     main()

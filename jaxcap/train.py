@@ -1,4 +1,4 @@
-"""Training: state, masked cross-entropy, the jitted step, and the loop that delegates."""
+"""Training: state, optimiser, the loss, the jitted step, and the loop that delegates."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import optax
 from clu import metric_writers
 from tqdm import tqdm
 
-from jaxcap import checkpoint, evaluate, parallel
+from jaxcap import checkpoint, evaluate, losses, parallel
 from jaxcap import workdir as workdir_lib
 from jaxcap.data import pipeline
-from jaxcap.models import captioner, resnet
+from jaxcap.models import captioner, decoder, resnet
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -117,26 +117,6 @@ def load_encoder(params, batch_stats, path: str):
     return new['params'], new['batch_stats']
 
 
-def masked_cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
-    """Sum of per-token cross-entropy over unmasked tokens, and their count.
-
-    `jnp.where`, not a multiplication, so that whatever a padded position
-    computes (even inf or NaN) cannot leak into the loss or its gradient.
-    """
-    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-    return jnp.where(mask_BxT > 0, ce_BxT, 0.0).sum(), mask_BxT.sum()
-
-
-def attention_penalty(alpha_BxTxR, mask_BxT):
-    """Doubly stochastic attention (Show, Attend and Tell): every region attended ~once in total."""
-    return attention_penalty_sum(alpha_BxTxR, mask_BxT) / alpha_BxTxR.shape[0]
-
-
-def attention_penalty_sum(alpha_BxTxR, mask_BxT):
-    total_BxR = jnp.where(mask_BxT[..., None] > 0, alpha_BxTxR, 0.0).sum(axis=1)
-    return ((1.0 - total_BxR) ** 2).sum()
-
-
 def _global_sum(x, axis_name: str | None):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
@@ -155,15 +135,17 @@ def compute_loss(params, batch_stats, batch, model: nn.Module, attention_reg: fl
     tokens_BxT = batch['tokens']
     inputs, targets, mask = tokens_BxT[:, :-1], tokens_BxT[:, 1:], batch['mask'][:, 1:]
     variables = {'params': params, 'batch_stats': batch_stats}
-    (logits, alpha), updates = model.apply(
+    (hidden, alpha, (kernel, bias)), updates = model.apply(
         variables, batch['features'] if 'features' in batch else batch['images'], inputs,
-        train=train, mutable=['batch_stats'] if train else [])
-    ce_sum, count = masked_cross_entropy(logits, targets, mask)
+        train=train, mutable=['batch_stats'] if train else [], method=captioner.Captioner.teacher_forcing)
+    logits_fn = functools.partial(decoder.project_logits, kernel_UxV=kernel, bias_V=bias,
+                                  dtype=jnp.dtype(model.dtype))
+    ce_sum, count = losses.packed_cross_entropy(hidden, targets, mask, logits_fn)
     ce = ce_sum / jnp.maximum(_global_sum(count, axis_name), 1.0)
     loss = ce
     if attention_reg:
         examples = _global_sum(jnp.float32(tokens_BxT.shape[0]), axis_name)
-        loss = ce + attention_reg * attention_penalty_sum(alpha, mask) / examples
+        loss = ce + attention_reg * losses.attention_penalty_sum(alpha, mask) / examples
     return loss, (ce, updates.get('batch_stats', batch_stats))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jaxcap import parallel, train
+from jaxcap import losses, parallel, train
 from jaxcap.data import text
 from jaxcap.models import captioner
 
@@ -85,12 +85,12 @@ def test_steps_on_one_batch_drive_the_loss_down(setup):
     mesh = parallel.make_mesh(jax.devices()[:1])
     step = jax.jit(functools.partial(train.train_step, model=model, attention_reg=0.0))
     state = train.initial_state(config, model, mesh)
-    losses = []
+    history = []
     for _ in range(40):
         state, metrics = step(state, batch)
-        losses.append(float(metrics['loss']))
+        history.append(float(metrics['loss']))
     assert int(state.step) == 40
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert history[-1] < 0.5 * history[0], history
 
 
 def test_batch_stats_update_in_training_and_not_in_eval(setup):
@@ -105,9 +105,9 @@ def test_batch_stats_update_in_training_and_not_in_eval(setup):
 def test_attention_penalty_is_zero_when_each_region_gets_total_weight_one():
     # 2 steps over 2 regions: step 0 looks at region 0, step 1 at region 1.
     alpha = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
-    assert float(train.attention_penalty(alpha, jnp.ones((1, 2)))) == 0.0
+    assert float(losses.attention_penalty(alpha, jnp.ones((1, 2)))) == 0.0
     # Masking step 1 leaves region 1 unattended: (1 - 0)^2 = 1.
-    assert float(train.attention_penalty(alpha, jnp.array([[1.0, 0.0]]))) == 1.0
+    assert float(losses.attention_penalty(alpha, jnp.array([[1.0, 0.0]]))) == 1.0
 
 
 def test_nan_loss_fails_fast_with_advice():

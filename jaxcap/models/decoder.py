@@ -24,15 +24,14 @@ through the step that decoding runs.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcap.models.attention import (BahdanauAttention, attend_projected, scores_backward,
-                                     softmax_backward)
+from jaxcap.models.attention import (BahdanauAttention, DenseParams, attend_projected,
+                                     scores_backward, softmax_backward)
 
 
 def _dot(x, kernel):
@@ -128,10 +127,9 @@ class Decoder(nn.Module):
         self.attention = BahdanauAttention(self.attention_units, dtype=self.dtype, name='attention')
         self.lstm1 = LSTMCell(self.units, name='lstm1')
         self.lstm2 = LSTMCell(self.units, name='lstm2')
-        # Accumulated and returned in float32: the loss' softmax needs the precision.
-        self.out = nn.Dense(self.vocab_size, dtype=self.dtype, name='logits',
-                            dot_general=functools.partial(jax.lax.dot_general,
-                                                          preferred_element_type=jnp.float32))
+        # A Dense layer's parameters, applied by `project_logits`: the loss can
+        # then project only some rows (`jaxcap.losses.packed_cross_entropy`).
+        self.out = DenseParams(self.vocab_size, name='logits')
 
     def initial_state(self, batch_size: int) -> DecoderState:
         zeros = jnp.zeros((batch_size, self.units), jnp.float32)
@@ -167,12 +165,21 @@ class Decoder(nn.Module):
         gates_Bx4U = self.input_gates(token_B, input_weights)
         return _step(step_weights, state, gates_Bx4U, features_BxRxD, keys_BxRxA)
 
+    def output_weights(self) -> tuple[jax.Array, jax.Array]:
+        """The vocabulary projection's (kernel_UxV, bias_V), for `project_logits`."""
+        return self.out(self.units)
+
     def logits(self, hidden_BxU):
         """Vocabulary logits, float32 whatever the compute dtype (the loss needs the precision)."""
-        return self.out(hidden_BxU).astype(jnp.float32)
+        return project_logits(hidden_BxU, *self.output_weights(), dtype=self.dtype)
 
     def __call__(self, features_BxRxD, tokens_BxT):
         """Teacher forcing: feeds tokens[:, t] at step t. Returns logits_BxTxV, alpha_BxTxR."""
+        hidden_BxTxU, alpha_BxTxR = self.hidden_states(features_BxRxD, tokens_BxT)
+        return self.logits(hidden_BxTxU), alpha_BxTxR
+
+    def hidden_states(self, features_BxRxD, tokens_BxT):
+        """Teacher forcing up to the top LSTM: hidden_BxTxU (the logits' input), alpha_BxTxR."""
         keys_BxRxA = self.attention_keys(features_BxRxD)
         step_weights, input_weights = self.weights(features_BxRxD.shape[-1])
         # Time-major, so the scan slices its input without a transpose of the big tensor.
@@ -182,7 +189,14 @@ class Decoder(nn.Module):
                                                keys_BxRxA)
         # The vocabulary projection does not feed back into the recurrence, so it
         # runs once over all steps after the scan: one big matmul, not T small ones.
-        return self.logits(hidden_TxBxU.swapaxes(0, 1)), alpha_TxBxR.swapaxes(0, 1)
+        return hidden_TxBxU.swapaxes(0, 1), alpha_TxBxR.swapaxes(0, 1)
+
+
+def project_logits(hidden_NxU, kernel_UxV, bias_V, dtype=jnp.float32):
+    """hidden @ kernel + bias in the compute dtype (as `nn.Dense(dtype=...)`), returned in float32."""
+    logits = jnp.dot(hidden_NxU.astype(dtype), kernel_UxV.astype(dtype),
+                     preferred_element_type=jnp.float32)
+    return logits + bias_V.astype(dtype)
 
 
 def _step(weights: StepWeights, state: DecoderState, gates1_Bx4U, features_BxRxD, keys_BxRxA):
