@@ -241,17 +241,21 @@ def run_training(config, model, state: TrainState, data_iterator, checkpointer, 
     bar = tqdm(total=total, initial=start, desc='train', disable=jax.process_index() > 0,
                dynamic_ncols=True, mininterval=2.0)
     state = trainer.put_state(state)
+    log = functools.partial(_log_metrics, writer=writer, bar=bar, throughput=throughput,
+                            schedule=schedule)
+    batch = trainer.put_batch(next(data_iterator)) if start < total else None
+    pending = None  # (step, metrics) of a log step, read once the next step is queued
     for step in range(start + 1, total + 1):
-        state, metrics = trainer.step(state, trainer.put_batch(next(data_iterator)))
+        state, metrics = trainer.step(state, batch)
         bar.update(1)
+        if pending:
+            # Reading metrics waits for their step: done now, after dispatching
+            # this one, the device has work queued while the host logs.
+            log(*pending)
+            pending = None
         is_last = step == total
         if step % config.train.log_every_steps == 0 or is_last:
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            check_finite(step, host)
-            host['examples_per_s'] = throughput(step)
-            host['learning_rate'] = float(schedule(step - 1))  # the rate step used
-            log_scalars(writer, step, host)
-            bar.set_postfix(loss=f'{host["loss"]:.3f}', ex_s=f'{host["examples_per_s"]:.0f}')
+            pending = (step, metrics)
         scores = None
         if validate_every and step % validate_every == 0:
             scores = validator(trainer.get_state(state), step)
@@ -260,11 +264,29 @@ def run_training(config, model, state: TrainState, data_iterator, checkpointer, 
             check_finite(step, {'loss': float(jax.device_get(metrics['loss']))})
             checkpointer.save(step, trainer.get_state(state), data_iterator, metrics=scores)
         if preemption.requested:
+            if pending:
+                log(*pending)
             checkpointer.close()
             raise SystemExit(f'Stopped by {preemption.requested} at step {step}; saved a checkpoint. '
                              'Run the same command again to resume.')
+        if not is_last:
+            # The next batch goes to the device while this step runs. Fetched after
+            # the checkpoint, which must record the data position of `step`.
+            batch = trainer.put_batch(next(data_iterator))
+    if pending:
+        log(*pending)
     bar.close()
     return trainer.get_state(state)
+
+
+def _log_metrics(step: int, metrics, *, writer, bar, throughput: Throughput, schedule) -> None:
+    """One log point: checks the loss, then writes the metrics, throughput and learning rate."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    check_finite(step, host)
+    host['examples_per_s'] = throughput(step)
+    host['learning_rate'] = float(schedule(step - 1))  # the rate step used
+    log_scalars(writer, step, host)
+    bar.set_postfix(loss=f'{host["loss"]:.3f}', ex_s=f'{host["examples_per_s"]:.0f}')
 
 
 class PreemptionGuard:
