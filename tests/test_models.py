@@ -1,5 +1,7 @@
 """Model structure: shapes, parameter counts, scan == unroll, causality, attention."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,3 +249,26 @@ def test_position_embedding_tells_identical_regions_apart():
         _, alpha = model.apply(variables, grid, tokens)
         assert np.allclose(alpha, 1 / 9, atol=1e-7) == uniform
     assert variables['params']['position']['embedding'].shape == (9, 4)
+
+
+@pytest.mark.parametrize('kernel_size, strides, padding, size', [
+    ((7, 7), 2, 'VALID', 23),   # the stem (after its explicit zero padding)
+    ((3, 3), 1, 'SAME', 9),     # a bottleneck's middle conv
+    ((1, 1), 2, 'VALID', 10),   # a stage's first 1x1, strided
+    ((1, 1), 1, 'VALID', 5)])
+def test_matmul_conv_equals_flax_conv_with_the_same_parameters(kernel_size, strides, padding, size):
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
+    ours = resnet.Conv(6, kernel_size, strides, padding)
+    flax_conv = nn.Conv(6, kernel_size, strides, padding=padding)
+    variables = ours.init(jax.random.key(1), x)
+    # Same parameter names, shapes and initial values as nn.Conv.
+    jax.tree.map(np.testing.assert_array_equal, variables, flax_conv.init(jax.random.key(1), x))
+    variables = jax.tree.map(lambda p: p + 0.1, variables)  # a nonzero bias, too
+
+    def loss(v, module):
+        return jnp.sum(jnp.sin(module.apply(v, x)))
+    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+                 jax.grad(loss)(variables, ours), jax.grad(loss)(variables, flax_conv))
