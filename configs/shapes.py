@@ -4,9 +4,9 @@ Command (from the repository root):
     python launch.py                      # = --config=configs/shapes.py --workdir=runs/shapes
 
 Expected result, measured on the 2-core CPU development machine (jax 0.10.2) on
-2026-11-25: `python launch.py` took 9 min 1 s with the test suite running beside it
-(6 min 18 s alone, one commit earlier; ~1 min more for the venv and a cached pip
-install on a fresh clone). That is building the 11,000-scene data set (~30 s,
+2026-11-25: `python launch.py` took 5 min 46 s alone (`bench/default_job.py`;
+9 min 1 s with the test suite running beside it; ~1 min more for the venv and a
+cached pip install on a fresh clone). That is building the 11,000-scene data set (~30 s,
 once), 3,500 steps of batch 32 with a CIDEr-D check every 500, and evaluating the
 500 val images greedily and with beam 3:
                greedy   beam3
