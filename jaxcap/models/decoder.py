@@ -188,7 +188,8 @@ class Decoder(nn.Module):
         hidden_TxBxU, alpha_TxBxR = recurrence(step_weights, gates_TxBx4U, features_BxRxD,
                                                keys_BxRxA)
         # The vocabulary projection does not feed back into the recurrence, so it
-        # runs once over all steps after the scan: one big matmul, not T small ones.
+        # runs after the scan, over all steps at once (`logits`), or only over the
+        # rows the loss scores (`jaxcap.losses.packed_cross_entropy`).
         return hidden_TxBxU.swapaxes(0, 1), alpha_TxBxR.swapaxes(0, 1)
 
 
