@@ -47,9 +47,8 @@ def packed_cross_entropy(hidden_BxTxU, targets_BxT, mask_BxT,
     def loss_over_first(size: int):
         def branch(hidden_NxU, targets_N, valid_N, order_N):
             picked = order_N[:size]
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(hidden_NxU[picked]),
-                                                                 targets_N[picked])
-            return jnp.where(valid_N[picked], ce, 0.0).sum()
+            return masked_cross_entropy(logits_fn(hidden_NxU[picked]), targets_N[picked],
+                                        valid_N[picked])[0]
         return branch
 
     index = jnp.searchsorted(jnp.asarray(sizes), count)  # first size >= count

@@ -195,9 +195,7 @@ class Decoder(nn.Module):
 
 def project_logits(hidden_NxU, kernel_UxV, bias_V, dtype=jnp.float32):
     """hidden @ kernel + bias in the compute dtype (as `nn.Dense(dtype=...)`), returned in float32."""
-    logits = jnp.dot(hidden_NxU.astype(dtype), kernel_UxV.astype(dtype),
-                     preferred_element_type=jnp.float32)
-    return logits + bias_V.astype(dtype)
+    return _dot(hidden_NxU, kernel_UxV.astype(dtype)) + bias_V.astype(dtype)
 
 
 def _step(weights: StepWeights, state: DecoderState, gates1_Bx4U, features_BxRxD, keys_BxRxA):
