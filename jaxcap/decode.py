@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxcap import xla_options
 from jaxcap.data import text
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoder import DecoderState
@@ -337,6 +338,7 @@ def make_decoder(model: nn.Module, max_len: int, beam_size: int, length_penalty:
     # Checked for greedy too: a typo in the config should fail before a long run.
     check_settings(max_len, beam_size, length_penalty, alpha)
     if beam_size == 1:
-        return jax.jit(lambda variables, images: greedy_decode(model, variables, images, max_len))
-    return jax.jit(lambda variables, images: beam_search(
+        return xla_options.jit_decoder(
+            lambda variables, images: greedy_decode(model, variables, images, max_len))
+    return xla_options.jit_decoder(lambda variables, images: beam_search(
         model, variables, images, max_len, beam_size, length_penalty, alpha, block_repeated_trigrams))

@@ -1,0 +1,66 @@
+"""The decoders' XLA:CPU options: YNNPACK keeps the matmuls, XLA fuses the attention's reduction."""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcap import decode, xla_options
+from jaxcap.models import captioner
+
+VOCAB, MAX_LEN = 11, 7
+
+
+@pytest.fixture(scope='module')
+def model_and_inputs():
+    # Big enough for XLA to give the matmuls (and, by default, the score reduction) to YNNPACK.
+    model = captioner.Captioner(vocab_size=VOCAB, stage_sizes=(), embed_dim=32, units=64,
+                                attention_units=64)
+    features = jax.random.normal(jax.random.key(3), (8, 4, 4, 6))
+    variables = captioner.init_variables(model, 0, features, jnp.zeros((8, 3), jnp.int32))
+    variables['params']['decoder']['logits']['kernel'] *= 20.0   # no argmax near-ties
+    return model, variables, features
+
+
+def _ynn_fusion_bodies(compiled_text):
+    """The HLO of each computation that a YNNPACK fusion calls."""
+    called = [re.search(r'calls=%?([\w.\-]+)', line).group(1)
+              for line in compiled_text.splitlines() if '"kind":"__ynn_fusion"' in line]
+    assert called, 'no YNNPACK fusion at all: the matmuls should still use it'
+    return [re.search(r'\n%?' + re.escape(name) + r' .*?\n\}', compiled_text, re.S).group(0)
+            for name in called]
+
+
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_decoder_reductions_stay_out_of_ynnpack_and_its_matmuls_stay_in(model_and_inputs,
+                                                                        beam_size):
+    model, variables, features = model_and_inputs
+    decoder = decode.make_decoder(model, MAX_LEN, beam_size=beam_size)
+    bodies = _ynn_fusion_bodies(decoder.lower(variables, features).compile().as_text())
+    assert any(' dot(' in body for body in bodies)
+    assert not [body for body in bodies if ' reduce(' in body]
+
+
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_decoder_options_leave_the_captions_unchanged(model_and_inputs, beam_size):
+    model, variables, features = model_and_inputs
+    ours = decode.make_decoder(model, MAX_LEN, beam_size=beam_size)(variables, features)
+    plain = jax.jit(lambda v, x: decode.beam_search(model, v, x, MAX_LEN, beam_size, 'gnmt', 0.6, False)
+                    if beam_size > 1 else decode.greedy_decode(model, v, x, MAX_LEN))(variables, features)
+    np.testing.assert_array_equal(ours.tokens_BxL, plain.tokens_BxL)
+    np.testing.assert_allclose(ours.log_prob_B, plain.log_prob_B, rtol=1e-6, atol=1e-6)
+
+
+def test_an_option_xla_does_not_know_falls_back_to_its_defaults(monkeypatch, caplog):
+    monkeypatch.setattr(xla_options, 'CPU_DECODER_OPTIONS', {'xla_cpu_no_such_option': 'x'})
+    xla_options.decoder_options.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert xla_options.decoder_options() is None
+        assert 'rejected the decoder compiler options' in caplog.text
+        assert float(xla_options.jit_decoder(lambda x: 2 * x)(np.float32(3))) == 6.0
+    finally:
+        xla_options.decoder_options.cache_clear()   # the next caller gets the real options
