@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from jaxcap import xla_options
 from jaxcap.data import text
+from jaxcap.models import decoder as decoder_lib
 from jaxcap.models.captioner import Captioner
 from jaxcap.models.decoder import DecoderState
 
@@ -27,11 +28,18 @@ class Decoded(NamedTuple):
 _NEVER_EMITTED = (text.PAD, text.START)
 
 
+def _never_emitted_mask(vocab_size: int) -> jax.Array:
+    """(V,) True at `_NEVER_EMITTED`: a select XLA fuses into the next reduction, unlike a scatter."""
+    return jnp.isin(jnp.arange(vocab_size), jnp.asarray(_NEVER_EMITTED))
+
+
 def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
     """Greedy decoding from <start>; stops early once every caption has produced <end>."""
     features = model.apply(variables, images, method=Captioner.encode)
     state, keys = model.apply(variables, features, method=Captioner.start)
+    weights = model.apply(variables, features, method=Captioner.decoding_weights)
     batch, regions = features.shape[0], features.shape[1]
+    never_emitted_V = _never_emitted_mask(model.vocab_size)
 
     def cond(carry):
         t, _, _, done, *_ = carry
@@ -39,10 +47,12 @@ def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
 
     def body(carry):
         t, token, state, done, tokens, alphas, log_prob = carry
-        state, logits, alpha = model.apply(variables, state, token, features, keys, method=Captioner.step)
-        log_p = jax.nn.log_softmax(logits)
-        nxt = jnp.argmax(log_p.at[:, _NEVER_EMITTED].set(-jnp.inf), axis=-1).astype(jnp.int32)
-        log_prob = log_prob + jnp.where(done, 0.0, jnp.take_along_axis(log_p, nxt[:, None], 1)[:, 0])
+        state, logits, alpha = decoder_lib.decode_step(weights, state, token, features, keys)
+        # The argmax of the log-softmax is that of the logits, and only the chosen
+        # token's log-probability is needed: no (B, V) log-softmax is written out.
+        nxt = jnp.argmax(jnp.where(never_emitted_V, -jnp.inf, logits), axis=-1).astype(jnp.int32)
+        chosen = jnp.take_along_axis(logits, nxt[:, None], 1)[:, 0]
+        log_prob = log_prob + jnp.where(done, 0.0, chosen - jax.nn.logsumexp(logits, axis=-1))
         nxt = jnp.where(done, text.PAD, nxt)
         tokens = tokens.at[:, t].set(nxt)
         alphas = alphas.at[:, t].set(jnp.where(done[:, None], 0.0, alpha))
@@ -154,17 +164,16 @@ def _repeated_trigram_mask(tokens_NxL, t, vocab_size: int) -> jax.Array:
     return jnp.any(match_NxJ[..., None] & third_NxJxV, axis=1)
 
 
-def _step_log_probs(model, variables, state, alive, t, features, keys, block_repeated_trigrams):
+def _step_log_probs(weights, state, alive, t, features, keys, block_repeated_trigrams):
     """Runs the decoder on every alive beam: (new state, log_p_BxKxV, alpha_BxKxR)."""
     batch, beams, max_len = alive.tokens_BxKxL.shape
     tokens_NxL = alive.tokens_BxKxL.reshape(batch * beams, max_len)
     last_N = jnp.where(t == 0, text.START, tokens_NxL[:, jnp.maximum(t - 1, 0)])
-    state, logits_NxV, alpha_NxR = model.apply(variables, state, last_N, features, keys,
-                                               method=Captioner.step)
+    state, logits_NxV, alpha_NxR = decoder_lib.decode_step(weights, state, last_N, features, keys)
     vocab = logits_NxV.shape[-1]
     # Masked after the softmax, not renormalised: scores stay the model's own
     # log-probabilities, which `sequence_log_prob` reproduces.
-    log_p_NxV = jax.nn.log_softmax(logits_NxV).at[:, _NEVER_EMITTED].set(-jnp.inf)
+    log_p_NxV = jnp.where(_never_emitted_mask(vocab), -jnp.inf, jax.nn.log_softmax(logits_NxV))
     if block_repeated_trigrams:
         log_p_NxV = jnp.where(_repeated_trigram_mask(tokens_NxL, t, vocab), -jnp.inf, log_p_NxV)
     return (state, log_p_NxV.reshape(batch, beams, vocab),
@@ -299,6 +308,7 @@ def beam_search(model: Captioner, variables, images, max_len: int, beam_size: in
     beams = beam_size
     features_BxRxD = model.apply(variables, images, method=Captioner.encode)
     state, keys_BxRxA = model.apply(variables, features_BxRxD, method=Captioner.start)
+    weights = model.apply(variables, features_BxRxD, method=Captioner.decoding_weights)
     batch, regions = features_BxRxD.shape[:2]
     # Encoded and projected (W1) once per image, then shared by its K beams.
     tile = lambda x: jnp.repeat(x, beams, axis=0)  # noqa: E731
@@ -315,7 +325,7 @@ def beam_search(model: Captioner, variables, images, max_len: int, beam_size: in
     def body(carry):
         t, alive, state, finished, _ = carry
         state, log_p_BxKxV, alpha_BxKxR = _step_log_probs(
-            model, variables, state, alive, t, features_NxRxD, keys_NxRxA, block_repeated_trigrams)
+            weights, state, alive, t, features_NxRxD, keys_NxRxA, block_repeated_trigrams)
         cand = _expand(alive, alpha_BxKxR, log_p_BxKxV, t, beams)
         alive, state = _next_alive(cand, state, t, beams)
         finished = _finish(finished, cand, t, max_len, beams, length_penalty, alpha)

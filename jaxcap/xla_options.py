@@ -11,7 +11,9 @@ default, 1.31 s with YNNPACK limited to dots and convolutions (BENCHMARKS.md).
 The options go to `jax.jit(..., compiler_options=...)` of the functions that
 gain from them, not through the process-wide XLA_FLAGS: a user's own flags and
 jits are left alone, and an XLA that no longer knows the option only loses the
-speed-up (`compiler_options` checks once and then returns None).
+speed-up (`decoder_options` checks once and then returns None). jax accepts
+compiler options on top-level jits only, so a decoder called inside a user's own
+jit (or grad) runs as a plain jitted function there, with the outer options.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def decoder_options() -> dict[str, str] | None:
     return dict(CPU_DECODER_OPTIONS)
 
 
-def jit_decoder(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:
-    """`jax.jit(fun, **kwargs)` with `decoder_options()`."""
-    return jax.jit(fun, compiler_options=decoder_options(), **kwargs)
+class jit_decoder:  # noqa: N801 -- used like jax.jit
+    """`jax.jit(fun, **kwargs)` compiled with `decoder_options()` when called at the top level."""
+
+    def __init__(self, fun: Callable[..., Any], **kwargs):
+        self._with_options = jax.jit(fun, compiler_options=decoder_options(), **kwargs)
+        self._nested = jax.jit(fun, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+        return (self._nested if traced else self._with_options)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # The rest of a jitted function's interface (lower, trace, _cache_size, ...).
+        return getattr(self._with_options, name)

@@ -104,8 +104,8 @@ def test_scan_equals_a_python_loop_over_the_same_cell():
         keys = d.attention_keys(features)
         out_logits, out_alpha = [], []
         for t in range(tokens.shape[1]):
-            state, (hidden, a) = d.step(state, tokens[:, t], features, keys)
-            out_logits.append(d.logits(hidden))
+            state, step_logits, a = d.step(state, tokens[:, t], features, keys)
+            out_logits.append(step_logits)
             out_alpha.append(a)
         return jnp.stack(out_logits, 1), jnp.stack(out_alpha, 1)
 
@@ -121,8 +121,8 @@ def _unrolled_step_loss(decoder, features, tokens, weights_logits, weights_alpha
         state, keys = d.initial_state(tokens.shape[0]), d.attention_keys(features)
         total = 0.0
         for t in range(tokens.shape[1]):
-            state, (hidden, alpha) = d.step(state, tokens[:, t], features, keys)
-            total += jnp.sum(d.logits(hidden) * weights_logits[:, t]) + jnp.sum(alpha * weights_alpha[:, t])
+            state, logits, alpha = d.step(state, tokens[:, t], features, keys)
+            total += jnp.sum(logits * weights_logits[:, t]) + jnp.sum(alpha * weights_alpha[:, t])
         return total
     return loss
 

@@ -54,6 +54,14 @@ def test_decoder_options_leave_the_captions_unchanged(model_and_inputs, beam_siz
     np.testing.assert_allclose(ours.log_prob_B, plain.log_prob_B, rtol=1e-6, atol=1e-6)
 
 
+def test_a_decoder_inside_another_jit_runs_there_with_the_same_captions(model_and_inputs):
+    # jax refuses compiler options on a nested jit: the decoder must still compose.
+    model, variables, features = model_and_inputs
+    decoder = decode.make_decoder(model, MAX_LEN, beam_size=1)
+    inner = jax.jit(lambda v, x: decoder(v, x).tokens_BxL)(variables, features)
+    np.testing.assert_array_equal(inner, decoder(variables, features).tokens_BxL)
+
+
 def test_an_option_xla_does_not_know_falls_back_to_its_defaults(monkeypatch, caplog):
     monkeypatch.setattr(xla_options, 'CPU_DECODER_OPTIONS', {'xla_cpu_no_such_option': 'x'})
     xla_options.decoder_options.cache_clear()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxcap.data import images as image_ops
-from jaxcap.models.decoder import Decoder, DecoderState
+from jaxcap.models.decoder import Decoder, DecoderState, DecodingWeights
 from jaxcap.models.resnet import ResNet
 
 
@@ -115,8 +115,15 @@ class Captioner(nn.Module):
 
     def step(self, state, token_B, features_BxRxD, keys_BxRxA):
         """One decoding step: (new state, logits_BxV, alpha_BxR)."""
-        state, (hidden_BxU, alpha_BxR) = self.decoder.step(state, token_B, features_BxRxD, keys_BxRxA)
-        return state, self.decoder.logits(hidden_BxU), alpha_BxR
+        return self.decoder.step(state, token_B, features_BxRxD, keys_BxRxA)
+
+    def decoding_weights(self, features_BxRxD) -> DecodingWeights:
+        """The parameters `decoder.decode_step` reads, prepared once for a decoding loop.
+
+        decode_step(decoding_weights(features), ...) is `step(...)`, without
+        touching the parameters inside the loop.
+        """
+        return self.decoder.decoding_weights(features_BxRxD.shape[-1])
 
 
 def from_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> Captioner:

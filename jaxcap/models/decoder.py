@@ -104,6 +104,15 @@ class InputWeights(NamedTuple):
     bias: jax.Array            # (4U,) lstm1 bias (added here, once, not per step)
 
 
+class DecodingWeights(NamedTuple):
+    """Every parameter a decoding step reads, prepared once per decoding call (`decode_step`)."""
+    step: StepWeights
+    words: InputWeights
+    embedding: jax.Array       # (V, E) word embeddings
+    out_kernel: jax.Array      # (U, V) vocabulary projection, in the compute dtype
+    out_bias: jax.Array        # (V,), in the compute dtype (as `project_logits` casts it)
+
+
 class Decoder(nn.Module):
     """Attention LSTM decoder: attends with the top layer's previous h (Show, Attend and Tell).
 
@@ -159,11 +168,17 @@ class Decoder(nn.Module):
         """The words' share of lstm1's gate pre-activations (any leading shape) -> (..., 4U)."""
         return _dot(self.embed(tokens), weights.kernel) + weights.bias
 
+    def decoding_weights(self, feature_dim: int) -> DecodingWeights:
+        """What `decode_step` reads: computed before a decoding loop, not in every step."""
+        step_weights, input_weights = self.weights(feature_dim)
+        kernel, bias = self.output_weights()
+        return DecodingWeights(step_weights, input_weights, self.embed.embedding,
+                               kernel.astype(self.dtype), bias.astype(self.dtype))
+
     def step(self, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
-        """One time step. Returns (new state, (top hidden h2_BxU, alpha_BxR))."""
-        step_weights, input_weights = self.weights(features_BxRxD.shape[-1])
-        gates_Bx4U = self.input_gates(token_B, input_weights)
-        return _step(step_weights, state, gates_Bx4U, features_BxRxD, keys_BxRxA)
+        """One decoding step: (new state, logits_BxV, alpha_BxR)."""
+        weights = self.decoding_weights(features_BxRxD.shape[-1])
+        return decode_step(weights, state, token_B, features_BxRxD, keys_BxRxA)
 
     def output_weights(self) -> tuple[jax.Array, jax.Array]:
         """The vocabulary projection's (kernel_UxV, bias_V), for `project_logits`."""
@@ -198,10 +213,21 @@ def project_logits(hidden_NxU, kernel_UxV, bias_V, dtype=jnp.float32):
     return _dot(hidden_NxU, kernel_UxV.astype(dtype)) + bias_V.astype(dtype)
 
 
-def _step(weights: StepWeights, state: DecoderState, gates1_Bx4U, features_BxRxD, keys_BxRxA):
-    """One step (what decoding runs): `_step_forward` without the backward pass' extras."""
-    state, outputs, _ = _step_forward(weights, state, gates1_Bx4U, features_BxRxD, keys_BxRxA)
-    return state, outputs
+def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
+    """One decoding step, a pure function of prepared weights: (new state, logits_BxV, alpha_BxR).
+
+    The step teacher forcing scans (`_step_forward`), fed the word's gates, then
+    the vocabulary projection. Decoding loops call it with weights prepared once
+    (`Decoder.decoding_weights`): XLA leaves some slices of loop-invariant
+    parameters inside a while loop, to be redone every step.
+    """
+    words_BxE = jnp.take(weights.embedding, token_B, axis=0)   # what nn.Embed computes
+    gates_Bx4U = _dot(words_BxE, weights.words.kernel) + weights.words.bias
+    state, (hidden_BxU, alpha_BxR), _ = _step_forward(weights.step, state, gates_Bx4U,
+                                                      features_BxRxD, keys_BxRxA)
+    logits_BxV = project_logits(hidden_BxU, weights.out_kernel, weights.out_bias,
+                                weights.out_kernel.dtype)
+    return state, logits_BxV, alpha_BxR
 
 
 class _Saved(NamedTuple):
