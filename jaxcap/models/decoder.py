@@ -1,6 +1,6 @@
 """The decoder: one step function (attend, LSTM, LSTM), run over time by `jax.lax.scan`.
 
-Training (teacher forcing) and inference run the same step function (`_step`) on
+Training (teacher forcing) and inference run the same step function (`_step_forward`) on
 the same parameters, so a trained model decodes with exactly the function it was
 trained with.
 
@@ -148,7 +148,7 @@ class Decoder(nn.Module):
         return self.attention.project_keys(features_BxRxD)
 
     def weights(self, feature_dim: int) -> tuple[StepWeights, InputWeights]:
-        """Slices and fuses the parameters for `_step` (the layout stays Keras')."""
+        """Slices and fuses the parameters for `_step_forward` (the layout stays Keras')."""
         kernel1, recurrent1, bias1 = self.lstm1.weights(feature_dim + self.embed_dim)
         kernel2, recurrent2, bias2 = self.lstm2.weights(self.units)
         w2_kernel, w2_bias = self.attention.query_weights(self.units)
@@ -295,7 +295,7 @@ def _run(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
 def recurrence(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
     """Teacher-forced steps from zero states: (h2_TxBxU, alpha_TxBxR).
 
-    The same forward pass as autodiff through a scan of `_step`, with a
+    The same forward pass as autodiff through a scan of `_step_forward`, with a
     hand-written backward pass that is cheaper on the machine: the reverse scan
     computes only what depends on the time step (the gate, state and attention
     gradients) and emits the per-step gate gradients; each weight's gradient is
