@@ -166,7 +166,7 @@ class Decoder(nn.Module):
 
     def input_gates(self, tokens, weights: InputWeights):
         """The words' share of lstm1's gate pre-activations (any leading shape) -> (..., 4U)."""
-        return _dot(self.embed(tokens), weights.kernel) + weights.bias
+        return _word_gates(self.embed(tokens), weights)
 
     def decoding_weights(self, feature_dim: int) -> DecodingWeights:
         """What `decode_step` reads: computed before a decoding loop, not in every step."""
@@ -213,6 +213,11 @@ def project_logits(hidden_NxU, kernel_UxV, bias_V, dtype=jnp.float32):
     return _dot(hidden_NxU, kernel_UxV.astype(dtype)) + bias_V.astype(dtype)
 
 
+def _word_gates(words_xE, weights: InputWeights):
+    """Embedded words -> their share of lstm1's gate pre-activations, bias included."""
+    return _dot(words_xE, weights.kernel) + weights.bias
+
+
 def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
     """One decoding step, a pure function of prepared weights: (new state, logits_BxV, alpha_BxR).
 
@@ -222,7 +227,7 @@ def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features
     parameters inside a while loop, to be redone every step.
     """
     words_BxE = jnp.take(weights.embedding, token_B, axis=0)   # what nn.Embed computes
-    gates_Bx4U = _dot(words_BxE, weights.words.kernel) + weights.words.bias
+    gates_Bx4U = _word_gates(words_BxE, weights.words)
     state, (hidden_BxU, alpha_BxR), _ = _step_forward(weights.step, state, gates_Bx4U,
                                                       features_BxRxD, keys_BxRxA)
     logits_BxV = project_logits(hidden_BxU, weights.out_kernel, weights.out_bias,
