@@ -13,7 +13,6 @@ from jaxcap import xla_options
 from jaxcap.data import text
 from jaxcap.models import decoder as decoder_lib
 from jaxcap.models.captioner import Captioner
-from jaxcap.models.decoder import DecoderState
 
 
 class Decoded(NamedTuple):
@@ -217,7 +216,7 @@ def _top(hyps: _Hypotheses, score_BxJ, beams: int) -> _Hypotheses:
     return jax.tree.map(lambda x: _take(x, index_BxK), hyps)
 
 
-def _next_alive(cand: _Candidates, state: DecoderState, t, beams: int):
+def _next_alive(cand: _Candidates, state: decoder_lib.DecoderState, t, beams: int):
     """The K best candidates that do not end in <end>, and the decoder state they continue from."""
     is_end_Bx2K = cand.tokens_Bx2KxL[:, :, t] == text.END
     live_Bx2K = jnp.where(is_end_Bx2K, -jnp.inf, cand.log_prob_Bx2K)
