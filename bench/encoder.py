@@ -5,7 +5,8 @@
 
 Both sides take uint8 images, apply the caffe preprocessing and run ResNet-50 in
 inference mode inside one compiled function: `jaxcap.models.resnet.ResNet50`
-under `jax.jit`, and `keras.applications.ResNet50(weights=None,
+under `jaxcap.xla_options.jit` (as feature extraction runs it: on CPU, XLA
+rather than YNNPACK runs the convolutions), and `keras.applications.ResNet50(weights=None,
 include_top=False)` (Keras 3, TensorFlow backend) under `tf.function`. Calls
 alternate between the two, so load changes hit both alike. `ratio_vs_baseline` is
 our images/s over Keras'. Prints one JSON line.
@@ -36,15 +37,16 @@ def parse_args():
 
 def jax_extractor(size: int):
     """(jitted uint8 images -> grid function, its random ResNet-50 variables)."""
-    import jax
     import jax.numpy as jnp
 
+    from jaxcap import xla_options
     from jaxcap.data import images as image_ops
     from jaxcap.models import captioner, resnet
     model = resnet.ResNet50()
     variables = captioner.init_variables(model, 0, jnp.zeros((1, size, size, 3), jnp.float32))
 
-    @jax.jit
+    # Compiled as `jaxcap.inference.extract_features` compiles the encoder.
+    @xla_options.jit
     def extract(variables, images):
         return model.apply(variables, image_ops.preprocess(images, 'caffe'), train=False)
 

@@ -347,7 +347,7 @@ def make_decoder(model: nn.Module, max_len: int, beam_size: int, length_penalty:
     # Checked for greedy too: a typo in the config should fail before a long run.
     check_settings(max_len, beam_size, length_penalty, alpha)
     if beam_size == 1:
-        return xla_options.jit_decoder(
+        return xla_options.jit(
             lambda variables, images: greedy_decode(model, variables, images, max_len))
-    return xla_options.jit_decoder(lambda variables, images: beam_search(
+    return xla_options.jit(lambda variables, images: beam_search(
         model, variables, images, max_len, beam_size, length_penalty, alpha, block_repeated_trigrams))
