@@ -45,7 +45,7 @@ def jax_extractor(size: int):
     model = resnet.ResNet50()
     variables = captioner.init_variables(model, 0, jnp.zeros((1, size, size, 3), jnp.float32))
 
-    # Compiled as `jaxcap.inference.extract_features` compiles the encoder.
+    # Compiled as feature extraction compiles the encoder (`jaxcap.inference.grid_encoder`).
     @xla_options.jit
     def extract(variables, images):
         return model.apply(variables, image_ops.preprocess(images, 'caffe'), train=False)

@@ -10,9 +10,10 @@ are slow here, and `CPU_OPTIONS` keeps YNNPACK for the matmuls alone:
   search, with three times the rows, spent a sixth of each step there: 1.69 s
   a batch with the default, 1.31 s without (BENCHMARKS.md, round 3).
 - ResNet-50's 3x3 and 7x7 convolutions run faster in XLA's own (Eigen) kernels
-  than in YNNPACK's: the extractor went from 0.90x to 1.10x Keras' images/s
-  (`bench/encoder.py`, BENCHMARKS.md, round 4). Its 1x1 convolutions are
-  matmuls on CPU (`jaxcap.models.resnet`), so they stay in YNNPACK.
+  than in YNNPACK's: 9.0 against 11.0-11.3 images/s at batch 32, alternated in
+  one process, and 0.90x against 0.96-1.06x Keras' images/s in `bench/encoder.py`
+  (BENCHMARKS.md, round 4). Its 1x1 convolutions are matmuls on CPU
+  (`jaxcap.models.resnet`), so they stay in YNNPACK.
 
 The options go to `jax.jit(..., compiler_options=...)` of the functions that
 gain from them (`jit`), not through the process-wide XLA_FLAGS: a user's own
