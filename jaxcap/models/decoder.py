@@ -44,7 +44,7 @@ def _dot_transposed(x_BxJ, kernel_IxJ):
 
     For the backward loop's matmuls (64 rows against a 2,048-2,560-deep kernel):
     with the product laid out (I, B), the kernel's rows first, XLA:CPU's matmul
-    runs faster than with (B, I), and the train step takes 4-10% less time
+    runs faster than with (B, I): the train step ran 1.04-1.10x as fast
     (BENCHMARKS.md, round 4), with bitwise-equal results. The barrier keeps XLA
     from folding the transpose back into the matmul, which would restore (B, I).
     """
