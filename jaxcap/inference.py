@@ -98,14 +98,15 @@ def _padded_batch(images: list[np.ndarray], batch_size: int) -> dict:
             'image_ids': list(range(len(images)))}
 
 
-def grid_encoder(model: captioner.Captioner, variables):
-    """The jitted uint8 images -> grids function that feature caches are made with.
+def grid_encoder(model: captioner.Captioner):
+    """The jitted (variables, uint8 images) -> grids function that feature caches are made with.
 
     Compiled with `xla_options.jit`: on CPU, XLA's own kernels run the ResNet's
-    convolutions, faster than YNNPACK's.
+    convolutions, faster than YNNPACK's. The variables are an argument, not
+    closed over: closed over, they would be baked into the executable as
+    constants (ResNet-50's 100 MB).
     """
-    return xla_options.jit(functools.partial(model.apply, variables,
-                                             method=captioner.Captioner.encode_grid))
+    return xla_options.jit(functools.partial(model.apply, method=captioner.Captioner.encode_grid))
 
 
 def extract_features(config, split: str | None = None) -> list[str]:
@@ -120,7 +121,7 @@ def extract_features(config, split: str | None = None) -> list[str]:
     # module's random key from its name), so the special tokens stand in for it.
     model = captioner.from_config(config.model, len(text.SPECIAL_TOKENS))
     state = train.initial_state(config, model, parallel.make_mesh(jax.local_devices()[:1]))
-    encode = grid_encoder(model, state.variables())
+    encode = functools.partial(grid_encoder(model), state.variables())
     fingerprint = features.fingerprint_encoder(config)
     splits = [config.data.train_split, config.eval.split] if split is None else [split]
     # The training split is cached as training reads it: the data.train_fraction subset.

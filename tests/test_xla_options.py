@@ -66,7 +66,7 @@ def resnet_and_images():
 
 def test_feature_extraction_runs_its_convolutions_outside_ynnpack(resnet_and_images):
     model, variables, images = resnet_and_images
-    compiled = inference.grid_encoder(model, variables).lower(images).compile().as_text()
+    compiled = inference.grid_encoder(model).lower(variables, images).compile().as_text()
     assert ' convolution(' in compiled
     bodies = _ynn_fusion_bodies(compiled)   # the 1x1 convolutions' matmuls
     assert not [body for body in bodies if ' convolution(' in body]
@@ -74,7 +74,7 @@ def test_feature_extraction_runs_its_convolutions_outside_ynnpack(resnet_and_ima
 
 def test_feature_extraction_options_leave_the_grids_unchanged(resnet_and_images):
     model, variables, images = resnet_and_images
-    ours = inference.grid_encoder(model, variables)(images)
+    ours = inference.grid_encoder(model)(variables, images)
     plain = jax.jit(lambda x: model.apply(variables, x, method=captioner.Captioner.encode_grid))(images)
     assert ours.shape == plain.shape == (2, 8, 8, 512)
     np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5 * float(jnp.abs(plain).max()))
