@@ -141,10 +141,15 @@ def reference_batch(seed: int = 0, batch: int = BATCH, max_len: int = MAX_LEN, v
 # Analytic FLOP counts (2 per multiply-add; matmuls only: the elementwise work
 # of attention and the gates is a few percent and is left out, as in the baseline).
 
-def step_macs(rows: int) -> int:
-    """One decoder step as jaxcap runs it (keys precomputed), per `rows` sequences."""
+def step_macs(rows: int, word_matmul: bool = True) -> int:
+    """One decoder step as jaxcap runs it (keys precomputed), per `rows` sequences.
+
+    `word_matmul=False`: the words' share of lstm1's gates is gathered from a
+    table (`jaxcap.decode.prepare`), not multiplied out.
+    """
     attention = rows * (UNITS * ATTENTION_UNITS + REGIONS * ATTENTION_UNITS + REGIONS * EMBED_DIM)
-    lstm = rows * ((EMBED_DIM + EMBED_DIM + UNITS) * 4 * UNITS + (UNITS + UNITS) * 4 * UNITS)
+    lstm1_inputs = EMBED_DIM + UNITS + (EMBED_DIM if word_matmul else 0)
+    lstm = rows * (lstm1_inputs * 4 * UNITS + (UNITS + UNITS) * 4 * UNITS)
     return attention + lstm + rows * UNITS * VOCAB
 
 
@@ -164,9 +169,9 @@ def train_step_flop(batch: int = BATCH, steps: int = MAX_LEN - 1, logits_rows: i
     return 2.0 * (2 * batch * REGIONS * FEATURE_DIM * EMBED_DIM + 3 * forward_rest)
 
 
-def decode_flop(images: int, rows: int, steps: int = MAX_LEN) -> float:
+def decode_flop(images: int, rows: int, steps: int = MAX_LEN, word_matmul: bool = True) -> float:
     """Decoding `steps` tokens for `rows` sequences (beams) of `images` images."""
-    return 2.0 * (encode_macs(images) + steps * step_macs(rows))
+    return 2.0 * (encode_macs(images) + steps * step_macs(rows, word_matmul))
 
 
 def xla_flop(compiled) -> float | None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +33,45 @@ def _never_emitted_mask(vocab_size: int) -> jax.Array:
     return jnp.isin(jnp.arange(vocab_size), jnp.asarray(_NEVER_EMITTED))
 
 
+class Prepared(NamedTuple):
+    """A model's variables, and the decoding weights derived from them once (`prepare`)."""
+    variables: Any
+    weights: decoder_lib.DecodingWeights
+
+
+def prepare(model: Captioner, variables) -> Prepared:
+    """What every decoding call with these variables would redo, done once: pass it as `variables`.
+
+    Besides slicing and fusing the step's kernels, it tabulates every word's share
+    of the first LSTM's gates (`DecodingWeights.word_gates`), so each step
+    gathers rows instead of multiplying the words' embeddings (batch-64 greedy
+    decoding about 1.1x as fast on CPU; BENCHMARKS.md, round 5). The table costs
+    about as much as decoding 140 captions, which an evaluation amortises over
+    a split; a single decoding call is faster with raw variables.
+    """
+    return Prepared(variables, _prepared_weights(model, variables))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prepared_weights(model: Captioner, variables) -> decoder_lib.DecodingWeights:
+    return model.apply(variables, word_gate_table=True, method=Captioner.decoding_weights)
+
+
+def _unpack(model: Captioner, variables) -> tuple[Any, decoder_lib.DecodingWeights]:
+    """(variables, decoding weights) from raw or `Prepared` variables."""
+    if isinstance(variables, Prepared):
+        return variables.variables, variables.weights
+    return variables, model.apply(variables, method=Captioner.decoding_weights)
+
+
 def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
-    """Greedy decoding from <start>; stops early once every caption has produced <end>."""
+    """Greedy decoding from <start>; stops early once every caption has produced <end>.
+
+    `variables`: the model's, or `prepare(model, variables)` for many calls.
+    """
+    variables, weights = _unpack(model, variables)
     features = model.apply(variables, images, method=Captioner.encode)
     state, keys = model.apply(variables, features, method=Captioner.start)
-    weights = model.apply(variables, features, method=Captioner.decoding_weights)
     batch, regions = features.shape[0], features.shape[1]
     never_emitted_V = _never_emitted_mask(model.vocab_size)
 
@@ -286,7 +321,7 @@ def beam_search(model: Captioner, variables, images, max_len: int, beam_size: in
 
     Args:
       model: the captioner.
-      variables: its variables.
+      variables: its variables, or `prepare(model, variables)`.
       images: images, or cached grids, as `Captioner.encode` takes them (batch B).
       max_len: tokens generated at most, <end> included.
       beam_size: K, the beams kept per image.
@@ -305,9 +340,9 @@ def beam_search(model: Captioner, variables, images, max_len: int, beam_size: in
     """
     check_settings(max_len, beam_size, length_penalty, alpha)
     beams = beam_size
+    variables, weights = _unpack(model, variables)
     features_BxRxD = model.apply(variables, images, method=Captioner.encode)
     state, keys_BxRxA = model.apply(variables, features_BxRxD, method=Captioner.start)
-    weights = model.apply(variables, features_BxRxD, method=Captioner.decoding_weights)
     batch, regions = features_BxRxD.shape[:2]
     # Encoded and projected (W1) once per image, then shared by its K beams.
     tile = lambda x: jnp.repeat(x, beams, axis=0)  # noqa: E731
@@ -339,6 +374,9 @@ def beam_search(model: Captioner, variables, images, max_len: int, beam_size: in
 def make_decoder(model: nn.Module, max_len: int, beam_size: int, length_penalty: str = 'gnmt',
                  alpha: float = 0.6, block_repeated_trigrams: bool = False):
     """A jitted `(variables, images) -> Decoded`: greedy for beam_size 1, else beam search.
+
+    `variables` may be `prepare(model, variables)`, which makes decoding many
+    batches with the same variables faster.
 
     Raises:
       ValueError: naming the config key (`model.beam_size`, `model.length_penalty`,

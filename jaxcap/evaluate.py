@@ -29,7 +29,8 @@ def decoding_name(beam_size: int) -> str:
 class Evaluator:
     """Decodes padded batches with one compiled function per beam width.
 
-    Every batch has the same shape, so a split compiles once. Batches are split
+    Every batch has the same shape, so a split compiles once, and the variables
+    are prepared for decoding once per call (`decode.prepare`). Batches are split
     over this process's devices when the batch size divides their count (rows
     are independent, so the captions do not depend on the split).
     """
@@ -62,7 +63,7 @@ class Evaluator:
         for batch in batches:
             inputs = model_inputs(batch)
             if placed is None:
-                placed, _ = self._place(variables, inputs)
+                placed = decode.prepare(self.model, self._place(variables, inputs)[0])
             _, inputs = self._place({}, inputs)
             tokens, alphas, log_probs = (np.asarray(x) for x in self.decode(placed, inputs))
             for row in np.flatnonzero(batch['valid']):

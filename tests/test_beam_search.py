@@ -310,10 +310,12 @@ def test_without_end_the_best_cut_caption_is_returned():
     assert np.all(np.isfinite(out.log_prob_B)) and np.all(np.asarray(out.log_prob_B) > -100)
 
 
+@pytest.mark.parametrize('prepared', [False, True])
 @pytest.mark.parametrize('case', REF_CASES)
-def test_log_prob_and_attention_are_those_of_teacher_forcing(case):
+def test_log_prob_and_attention_are_those_of_teacher_forcing(case, prepared):
     model, variables, images = _reference_case(*case)
-    out = _decoder(model, REF_LEN, REF_BEAMS, 'gnmt')(variables, images)
+    decoding_variables = decode.prepare(model, variables) if prepared else variables
+    out = _decoder(model, REF_LEN, REF_BEAMS, 'gnmt')(decoding_variables, images)
     tokens = np.asarray(out.tokens_BxL)
     np.testing.assert_allclose(_scorer(model)(variables, images, out.tokens_BxL), out.log_prob_B,
                                atol=1e-5)

@@ -24,9 +24,11 @@ def model_and_variables():
     return model, variables, features
 
 
-def test_greedy_tokens_are_the_argmax_of_teacher_forcing_on_themselves(model_and_variables):
+@pytest.mark.parametrize('prepared', [False, True])
+def test_greedy_tokens_are_the_argmax_of_teacher_forcing_on_themselves(model_and_variables, prepared):
     model, variables, features = model_and_variables
-    out = decode.make_decoder(model, MAX_LEN, beam_size=1)(variables, features)
+    decoding_variables = decode.prepare(model, variables) if prepared else variables
+    out = decode.make_decoder(model, MAX_LEN, beam_size=1)(decoding_variables, features)
     tokens = np.asarray(out.tokens_BxL)
     inputs = np.concatenate([np.full((5, 1), text.START), tokens[:, :-1]], axis=1)
     logits, alpha = model.apply(variables, features, jnp.asarray(inputs, jnp.int32))
@@ -64,6 +66,34 @@ def test_decoder_compiles_once_for_every_batch_of_the_same_shape(model_and_varia
         new_features = jax.random.normal(jax.random.key(seed), features.shape)
         jax.block_until_ready(decoder(new_variables, new_features))
     assert decoder._cache_size() == 1
+
+
+def test_prepared_variables_decode_new_batches_without_compiling_again(model_and_variables):
+    model, variables, features = model_and_variables
+    decoder = decode.make_decoder(model, MAX_LEN, beam_size=1)
+    prepared = decode.prepare(model, variables)
+    expected = decoder(variables, features)
+    for seed in range(3):
+        new_features = features if seed == 0 else jax.random.normal(jax.random.key(seed), features.shape)
+        out = decoder(prepared, new_features)
+    # One compilation for raw variables, one for prepared ones, whatever the batch.
+    assert decoder._cache_size() == 2
+    out = decoder(prepared, features)
+    np.testing.assert_array_equal(out.tokens_BxL, expected.tokens_BxL)
+    np.testing.assert_allclose(out.log_prob_B, expected.log_prob_B, rtol=1e-6, atol=1e-6)
+
+
+def test_the_word_gate_table_holds_each_words_share_of_the_first_lstms_gates(model_and_variables):
+    model, variables, _ = model_and_variables
+    params = jax.tree.map(np.asarray, variables['params']['decoder'])
+    weights = decode.prepare(model, variables).weights
+    # lstm1 reads [context, word]: the kernel's rows after the first embed_dim
+    # (the regions' size) multiply the word's embedding.
+    word_rows = params['lstm1']['kernel'][model.embed_dim:]
+    expected = params['embedding']['embedding'] @ word_rows + params['lstm1']['bias']
+    assert weights.word_gates.shape == (VOCAB, 4 * model.units)
+    np.testing.assert_allclose(weights.word_gates, expected, rtol=1e-5, atol=1e-6)
+    assert decode._unpack(model, variables)[1].word_gates is None   # raw variables: per step
 
 
 def test_decoding_step_and_teacher_forcing_share_one_set_of_numbers(model_and_variables):

@@ -117,13 +117,14 @@ class Captioner(nn.Module):
         """One decoding step: (new state, logits_BxV, alpha_BxR)."""
         return self.decoder.step(state, token_B, features_BxRxD, keys_BxRxA)
 
-    def decoding_weights(self, features_BxRxD) -> DecodingWeights:
+    def decoding_weights(self, word_gate_table: bool = False) -> DecodingWeights:
         """The parameters `decoder.decode_step` reads, prepared once for a decoding loop.
 
-        decode_step(decoding_weights(features), ...) is `step(...)`, without
-        touching the parameters inside the loop.
+        decode_step(decoding_weights(), ...) is `step(...)`, without touching the
+        parameters inside the loop. The decoder reads regions of `embed_dim`
+        features (`regions`); `word_gate_table`: see `Decoder.decoding_weights`.
         """
-        return self.decoder.decoding_weights(features_BxRxD.shape[-1])
+        return self.decoder.decoding_weights(self.embed_dim, word_gate_table)
 
 
 def from_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> Captioner:

@@ -125,6 +125,9 @@ class DecodingWeights(NamedTuple):
     embedding: jax.Array       # (V, E) word embeddings
     out_kernel: jax.Array      # (U, V) vocabulary projection, in the compute dtype
     out_bias: jax.Array        # (V,), in the compute dtype (as `project_logits` casts it)
+    # (V, 4U): `_word_gates` of every word, so that a step gathers its words'
+    # rows instead of running a (B, E) x (E, 4U) matmul. None: computed per step.
+    word_gates: jax.Array | None = None
 
 
 class Decoder(nn.Module):
@@ -182,12 +185,19 @@ class Decoder(nn.Module):
         """The words' share of lstm1's gate pre-activations (any leading shape) -> (..., 4U)."""
         return _word_gates(self.embed(tokens), weights)
 
-    def decoding_weights(self, feature_dim: int) -> DecodingWeights:
-        """What `decode_step` reads: computed before a decoding loop, not in every step."""
+    def decoding_weights(self, feature_dim: int, word_gate_table: bool = False) -> DecodingWeights:
+        """What `decode_step` reads: computed before a decoding loop, not in every step.
+
+        `word_gate_table` adds `DecodingWeights.word_gates`: V x E x 4U multiply-adds
+        and V x 4U floats (41 MB at the reference's sizes), which pay for themselves
+        once some 140 captions are decoded with them (`jaxcap.decode.prepare`).
+        """
         step_weights, input_weights = self.weights(feature_dim)
         kernel, bias = self.output_weights()
-        return DecodingWeights(step_weights, input_weights, self.embed.embedding,
-                               kernel.astype(self.dtype), bias.astype(self.dtype))
+        embedding = self.embed.embedding
+        return DecodingWeights(step_weights, input_weights, embedding,
+                               kernel.astype(self.dtype), bias.astype(self.dtype),
+                               _word_gates(embedding, input_weights) if word_gate_table else None)
 
     def step(self, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
         """One decoding step: (new state, logits_BxV, alpha_BxR)."""
@@ -240,8 +250,11 @@ def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features
     (`Decoder.decoding_weights`): XLA leaves some slices of loop-invariant
     parameters inside a while loop, to be redone every step.
     """
-    words_BxE = jnp.take(weights.embedding, token_B, axis=0)   # what nn.Embed computes
-    gates_Bx4U = _word_gates(words_BxE, weights.words)
+    if weights.word_gates is None:
+        words_BxE = jnp.take(weights.embedding, token_B, axis=0)   # what nn.Embed computes
+        gates_Bx4U = _word_gates(words_BxE, weights.words)
+    else:
+        gates_Bx4U = jnp.take(weights.word_gates, token_B, axis=0)
     state, (hidden_BxU, alpha_BxR), _ = _step_forward(weights.step, state, gates_Bx4U,
                                                       features_BxRxD, keys_BxRxA)
     logits_BxV = project_logits(hidden_BxU, weights.out_kernel, weights.out_bias,
