@@ -56,6 +56,9 @@ class Evaluator:
                         keep_images: int | None = None) -> list[dict[str, Any]]:
         """Captions (and attention) for every valid row of every batch, in order.
 
+        `variables`: the model's, or `decode.prepare`d ones (which callers that
+        caption batch after batch with the same variables pass).
+
         Only the first `keep_images` results (default: all) keep their image, for
         heatmaps; a large split would otherwise hold every image in memory.
         """
@@ -63,7 +66,9 @@ class Evaluator:
         for batch in batches:
             inputs = model_inputs(batch)
             if placed is None:
-                placed = decode.prepare(self.model, self._place(variables, inputs)[0])
+                placed, _ = self._place(variables, inputs)
+                if not isinstance(placed, decode.Prepared):
+                    placed = decode.prepare(self.model, placed)
             _, inputs = self._place({}, inputs)
             tokens, alphas, log_probs = (np.asarray(x) for x in self.decode(placed, inputs))
             for row in np.flatnonzero(batch['valid']):

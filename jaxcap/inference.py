@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxcap import checkpoint, evaluate, parallel, train, workdir as workdir_lib, xla_options
+from jaxcap import checkpoint, decode, evaluate, parallel, train, workdir as workdir_lib, xla_options
 from jaxcap.data import features, pipeline, text
 from jaxcap.data import images as image_ops
 from jaxcap.models import captioner
@@ -69,6 +69,7 @@ def caption_images(workdir: str, patterns: Sequence[str], heatmaps_dir: str | No
     """
     config, vocab, model, variables = restore(workdir, beam_size)
     evaluator = evaluate.Evaluator(model, vocab, config)
+    variables = decode.prepare(model, variables)   # once, not per chunk of images
     paths = expand_paths(patterns)
     lines: list[dict] = [{'image': p} for p in paths]
     loaded = []  # (index into paths, resized image)
