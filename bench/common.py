@@ -61,16 +61,34 @@ def children_peak_rss_mb() -> float:
 
 def machine() -> dict:
     import jax
-    cpu = platform.processor() or ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
-    except OSError:
-        pass
-    return {'date': datetime.date.today().isoformat(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
+    cpu = cpu_identity()
+    return {'date': datetime.date.today().isoformat(), **cpu, 'cpu_count': os.cpu_count(),
             'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
             'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__,
             'jax_device': str(jax.devices()[0].device_kind), 'python': platform.python_version()}
+
+
+def cpu_identity() -> dict:
+    """The CPU's name, family/model and widest vector units.
+
+    VMs that all call themselves "AMD EPYC" can differ: the development VM's
+    2048-matmul has read 109-220 GFLOP/s on different nights, and on the night
+    of round 5 (a family 25 model 1, Zen 3, AVX2) the default job's metrics
+    differed from those measured on an earlier night, with the same code
+    (BENCHMARKS.md, round 5). XLA picks its kernels by the vector units.
+    """
+    fields = {'cpu': platform.processor() or '', 'cpu_family_model': '', 'cpu_vector_isa': ''}
+    try:
+        with open('/proc/cpuinfo') as f:
+            info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
+    except OSError:
+        return fields
+    info = {key.strip(): value.strip() for key, value in info.items()}
+    flags = set(info.get('flags', '').split())
+    fields['cpu'] = info.get('model name', fields['cpu'])
+    fields['cpu_family_model'] = f"{info.get('cpu family', '?')}/{info.get('model', '?')}"
+    fields['cpu_vector_isa'] = next((isa for isa in ('avx512f', 'avx2', 'avx', 'sse4_2') if isa in flags), '')
+    return fields
 
 
 def block(tree):

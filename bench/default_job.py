@@ -37,12 +37,17 @@ def parse_args():
 
 
 def stated_metrics(config_path: str) -> dict[str, float]:
-    """The scores a config's docstring states (`Bleu_1 0.8321  ...`)."""
+    """The scores a config's docstring states first (`Bleu_1 0.8321  ...`): its greedy column.
+
+    Later tables (the same run on other CPUs) do not replace the first.
+    """
     with open(config_path) as f:
         source = f.read()
     docstring = source.split('"""')[1] if '"""' in source else ''
-    return {name: float(value) for name, value in re.findall(r'\b(' + '|'.join(METRICS) + r')\s+([0-9.]+)',
-                                                             docstring)}
+    stated: dict[str, float] = {}
+    for name, value in re.findall(r'\b(' + '|'.join(METRICS) + r')\s+([0-9.]+)', docstring):
+        stated.setdefault(name, float(value))
+    return stated
 
 
 def last_training_log(stderr: str) -> dict[str, float]:

@@ -18,7 +18,19 @@ once), 3,500 steps of batch 32 with a CIDEr-D check every 500, and evaluating th
     ROUGE_L    0.7446  0.7381
     CIDEr      3.5485  3.3991
 The run is deterministic: the same command on the same CPU build gives these
-numbers to the last digit. Beam 3 (GNMT length penalty, alpha 0.6) scores below
+numbers to the last digit. On another CPU the numbers move, because XLA:CPU
+compiles for the host's vector units and its kernels round differently: on
+2026-11-26 the development VM was an AMD EPYC family 25 model 1 (AVX2 only), and
+both that night's code and the code that gave the table above gave, in 6 min 20 s:
+               greedy   beam3
+    Bleu_1     0.8487  0.8049
+    Bleu_2     0.7747  0.7366
+    Bleu_3     0.6870  0.6552
+    Bleu_4     0.5690  0.5497
+    METEOR     0.4598  0.4459
+    ROUGE_L    0.7690  0.7496
+    CIDEr      3.7933  3.5750
+Beam 3 (GNMT length penalty, alpha 0.6) scores below
 greedy on these scenes except in Bleu_4; we have not looked into why.
 """
 
