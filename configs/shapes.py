@@ -31,7 +31,8 @@ both that night's code and the code that gave the table above gave, in 6 min 20 
     ROUGE_L    0.7690  0.7496
     CIDEr      3.7933  3.5750
 Beam 3 (GNMT length penalty, alpha 0.6) scores below
-greedy on these scenes except in Bleu_4; we have not looked into why.
+greedy on these scenes (except in the first table's Bleu_4); we have not looked
+into why.
 """
 
 import ml_collections

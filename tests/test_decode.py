@@ -75,7 +75,7 @@ def test_prepared_variables_decode_new_batches_without_compiling_again(model_and
     expected = decoder(variables, features)
     for seed in range(3):
         new_features = features if seed == 0 else jax.random.normal(jax.random.key(seed), features.shape)
-        out = decoder(prepared, new_features)
+        jax.block_until_ready(decoder(prepared, new_features))
     # One compilation for raw variables, one for prepared ones, whatever the batch.
     assert decoder._cache_size() == 2
     out = decoder(prepared, features)
