@@ -176,13 +176,16 @@ def encode_macs(images: int) -> int:
     return images * REGIONS * (FEATURE_DIM * EMBED_DIM + EMBED_DIM * ATTENTION_UNITS)
 
 
-def train_step_flop(batch: int = BATCH, steps: int = MAX_LEN - 1, logits_rows: int | None = None) -> float:
+def train_step_flop(batch: int = BATCH, steps: int = MAX_LEN - 1, logits_rows: int | None = None,
+                    step_rows: int | None = None) -> float:
     """Forward + backward of the train step: 3x the forward matmuls, except that the
     projection of the input grids needs no input gradient (2x). `logits_rows`: the
     rows the vocabulary projection runs on (jaxcap's packed loss skips padding;
-    default all batch x steps)."""
+    default all batch x steps); `step_rows`: the rows the recurrence's steps run
+    on, summed over the steps (jaxcap's skips most padding; default the same)."""
     logits_rows = batch * steps if logits_rows is None else logits_rows
-    forward_rest = (batch * REGIONS * EMBED_DIM * ATTENTION_UNITS + steps * step_macs(batch)
+    step_rows = batch * steps if step_rows is None else step_rows
+    forward_rest = (batch * REGIONS * EMBED_DIM * ATTENTION_UNITS + step_macs(step_rows)
                     - (batch * steps - logits_rows) * UNITS * VOCAB)
     return 2.0 * (2 * batch * REGIONS * FEATURE_DIM * EMBED_DIM + 3 * forward_rest)
 

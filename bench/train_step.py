@@ -48,6 +48,18 @@ def build(batch_size: int, dtype: str):
     return step, state, batch, model
 
 
+def recurrence_rows(mask_BxT) -> int:
+    """Rows the recurrence's steps run on, summed over the steps (`decoder.phase_rows`)."""
+    import numpy as np
+
+    from jaxcap.models import decoder
+    mask = np.asarray(mask_BxT) > 0
+    steps_B = np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
+    phases = decoder.phase_rows(mask.shape[0])
+    live_T = (np.arange(mask.shape[1])[:, None] < steps_B[None, :]).sum(axis=1)
+    return int(sum(min((r for r in phases if r >= n), default=0) for n in live_T))
+
+
 class Runner:
     """Steps a donated state; each call is synchronised on the loss, as the baseline's."""
 
@@ -83,7 +95,8 @@ def main():
     from jaxcap import losses
     real_tokens = int(batch['mask'][:, 1:].sum())
     logits_rows = losses.packed_rows(real_tokens, args.batch * (common.MAX_LEN - 1))
-    flop = common.train_step_flop(args.batch, logits_rows=logits_rows)
+    step_rows = recurrence_rows(batch['mask'][:, 1:])
+    flop = common.train_step_flop(args.batch, logits_rows=logits_rows, step_rows=step_rows)
     memory = compiled.memory_analysis()
     result = {
         'bench': 'train_step', 'batch': args.batch, 'caption_len': common.MAX_LEN,
@@ -94,6 +107,7 @@ def main():
         'train_examples_per_s': round(args.batch / median_s, 1),
         'loss_first_last': [round(runner.losses[0], 4), round(runner.losses[-1], 4)],
         'real_tokens': real_tokens, 'logits_rows (packed loss)': logits_rows,
+        'recurrence_rows (phased, summed over steps)': step_rows,
         'gflop_per_step_analytic': round(flop / 1e9, 2),
         'gflop_per_step_analytic_unpacked': round(common.train_step_flop(args.batch) / 1e9, 2),
         'gflop_per_step_xla_cost_analysis (loop bodies counted once)':

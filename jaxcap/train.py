@@ -137,7 +137,8 @@ def compute_loss(params, batch_stats, batch, model: nn.Module, attention_reg: fl
     variables = {'params': params, 'batch_stats': batch_stats}
     (hidden, alpha, (kernel, bias)), updates = model.apply(
         variables, batch['features'] if 'features' in batch else batch['images'], inputs,
-        train=train, mutable=['batch_stats'] if train else [], method=captioner.Captioner.teacher_forcing)
+        train=train, steps_B=_steps_needed(mask), mutable=['batch_stats'] if train else [],
+        method=captioner.Captioner.teacher_forcing)
     logits_fn = functools.partial(decoder.project_logits, kernel_UxV=kernel, bias_V=bias,
                                   dtype=jnp.dtype(model.dtype))
     ce_sum, count = losses.packed_cross_entropy(hidden, targets, mask, logits_fn)
@@ -147,6 +148,12 @@ def compute_loss(params, batch_stats, batch, model: nn.Module, attention_reg: fl
         examples = _global_sum(jnp.float32(tokens_BxT.shape[0]), axis_name)
         loss = ce + attention_reg * losses.attention_penalty_sum(alpha, mask) / examples
     return loss, (ce, updates.get('batch_stats', batch_stats))
+
+
+def _steps_needed(mask_BxT):
+    """How many steps of teacher forcing each row's loss reads: up to its last real target."""
+    positions_T = jnp.arange(1, mask_BxT.shape[1] + 1)
+    return jnp.max(jnp.where(mask_BxT > 0, positions_T, 0), axis=1)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,

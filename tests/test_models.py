@@ -156,6 +156,44 @@ def test_hand_written_backward_pass_equals_autodiff_through_the_step():
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(scan_grads[0]['params']['lstm1']))
 
 
+def test_teacher_forcing_with_steps_computes_what_a_loss_reads_and_nothing_else():
+    # With `steps_B`, the steps after a row's own count are not computed: rows
+    # are sorted by it, the loop runs in phases of fewer rows (20, 12 and 4
+    # here), and the weight gradients sum only the live steps. What is computed,
+    # and the gradient of any loss over it, must be the full recurrence's; the
+    # rest comes out zero. Unsorted counts, including 0 and all T.
+    batch, steps = 20, 7
+    decoder, variables, features, tokens = _decoder_and_inputs(seed=3, batch=batch, steps=steps)
+    steps_B = jnp.asarray([3, 7, 0, 5, 1, 7, 2, 6, 4, 4, 1, 0, 7, 3, 5, 2, 6, 1, 3, 2])
+    live_BxT = np.arange(steps)[None, :] < np.asarray(steps_B)[:, None]
+    k1, k2 = jax.random.split(jax.random.key(11))
+    weights_h = jax.random.normal(k1, (batch, steps, 16))
+    weights_a = jax.random.normal(k2, (batch, steps, 6))
+
+    def loss(variables, features, steps_B):
+        hidden, alpha = decoder.apply(variables, features, tokens, steps_B,
+                                      method=Decoder.hidden_states)
+        live = live_BxT[..., None]
+        value = (jnp.sum(jnp.where(live, hidden * weights_h, 0.0))
+                 + jnp.sum(jnp.where(live, alpha * weights_a, 0.0)))
+        return value, (hidden, alpha)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    full_run = jax.jit(lambda variables, features: grad(variables, features, None))
+    (full, (hidden_full, alpha_full)), grads_full = full_run(variables, features)
+    (value, (hidden, alpha)), grads = jax.jit(grad)(variables, features, steps_B)
+
+    np.testing.assert_allclose(value, full, rtol=1e-5)
+    np.testing.assert_allclose(hidden[live_BxT], hidden_full[live_BxT], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alpha[live_BxT], alpha_full[live_BxT], rtol=1e-5, atol=1e-6)
+    assert not np.any(hidden[~live_BxT]) and not np.any(alpha[~live_BxT])
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_full))
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                                 jax.tree.leaves(grads_full)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_lstm_cell_matches_a_hand_computation():
     cell = LSTMCell(units=3)
     h, c = jnp.full((2, 3), 0.1), jnp.full((2, 3), -0.2)

@@ -97,14 +97,16 @@ class Captioner(nn.Module):
         """Teacher-forced logits_BxTxV, alpha_BxTxR from images or cached grids (see `encode`)."""
         return self.decode(self.encode(inputs, train), tokens_BxT, train)
 
-    def teacher_forcing(self, inputs, tokens_BxT, train: bool = False):
+    def teacher_forcing(self, inputs, tokens_BxT, train: bool = False, steps_B=None):
         """What the training loss takes: (hidden_BxTxU, alpha_BxTxR, (kernel, bias)).
 
         The top LSTM's states before the vocabulary projection, and that
         projection's parameters (`decoder.project_logits` applies them), so the
-        loss projects only the rows it scores.
+        loss projects only the rows it scores. `steps_B`: how many steps each
+        caption needs (`Decoder.hidden_states`); later ones come out zero.
         """
-        hidden_BxTxU, alpha_BxTxR = self.decoder.hidden_states(self.encode(inputs, train), tokens_BxT)
+        hidden_BxTxU, alpha_BxTxR = self.decoder.hidden_states(self.encode(inputs, train), tokens_BxT,
+                                                               steps_B)
         return hidden_BxTxU, alpha_BxTxR, self.decoder.output_weights()
 
     # Inference entry points: the same step the scan runs in `decode`.

@@ -18,12 +18,16 @@ Teacher forcing differentiates through `recurrence`, whose backward pass is
 written by hand (`_recurrence_bwd`): the reverse loop does only the per-step
 work, and every weight gradient is then one matmul over all steps. The attention
 energy tanh(keys + query), the largest per-step tensor, is recomputed there
-rather than stored. tests/test_models.py checks the gradients against autodiff
-through the step that decoding runs.
+rather than stored. Training tells it how many steps each caption needs: rows
+are sorted by that, and the loops run in phases of fewer and fewer rows, so a
+batch's padding (about 40% of the reference's) is mostly never computed.
+tests/test_models.py checks the gradients against autodiff through the step
+that decoding runs, and the phased recurrence against the full one.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -42,10 +46,11 @@ def _dot(x, kernel):
 def _dot_transposed(x_BxJ, kernel_IxJ):
     """x @ kernel.T in the kernel's (compute) dtype, float32 out, computed as (kernel @ x.T).T.
 
-    For the backward loop's matmuls (64 rows against a 2,048-2,560-deep kernel):
+    For the training loop's matmuls (8-64 rows against a 512-2,560-deep kernel):
     with the product laid out (I, B), the kernel's rows first, XLA:CPU's matmul
-    runs faster than with (B, I): the train step ran 1.04-1.10x as fast
-    (BENCHMARKS.md, round 4), with bitwise-equal results. The barrier keeps XLA
+    runs faster than with (B, I): in the backward loop, the train step ran
+    1.04-1.10x as fast (BENCHMARKS.md, round 4), with bitwise-equal results;
+    the forward loop, see `_transposed_kernels`. The barrier keeps XLA
     from folding the transpose back into the matmul, which would restore (B, I).
     """
     product_IxB = jnp.dot(kernel_IxJ, x_BxJ.astype(kernel_IxJ.dtype).T,
@@ -217,17 +222,30 @@ class Decoder(nn.Module):
         hidden_BxTxU, alpha_BxTxR = self.hidden_states(features_BxRxD, tokens_BxT)
         return self.logits(hidden_BxTxU), alpha_BxTxR
 
-    def hidden_states(self, features_BxRxD, tokens_BxT):
-        """Teacher forcing up to the top LSTM: hidden_BxTxU (the logits' input), alpha_BxTxR."""
+    def hidden_states(self, features_BxRxD, tokens_BxT, steps_B=None):
+        """Teacher forcing up to the top LSTM: hidden_BxTxU (the logits' input), alpha_BxTxR.
+
+        `steps_B`: how many steps each caption needs (its real targets); the
+        steps after them are not computed, and come out zero. The rows are
+        sorted by it for `recurrence`, and back.
+        """
+        if steps_B is not None:
+            steps_B = jnp.clip(jnp.asarray(steps_B, jnp.int32), 0, tokens_BxT.shape[1])
+            order_B = jnp.argsort(-steps_B, stable=True)
+            features_BxRxD, tokens_BxT, steps_B = (jnp.take(x, order_B, axis=0) for x in
+                                                   (features_BxRxD, tokens_BxT, steps_B))
         keys_BxRxA = self.attention_keys(features_BxRxD)
         step_weights, input_weights = self.weights(features_BxRxD.shape[-1])
-        # Time-major, so the scan slices its input without a transpose of the big tensor.
+        # Time-major, so the loop slices its input without a transpose of the big tensor.
         gates_TxBx4U = self.input_gates(tokens_BxT.T, input_weights)
 
         hidden_TxBxU, alpha_TxBxR = recurrence(step_weights, gates_TxBx4U, features_BxRxD,
-                                               keys_BxRxA)
+                                               keys_BxRxA, steps_B)
+        if steps_B is not None:
+            unsort_B = jnp.argsort(order_B)
+            hidden_TxBxU, alpha_TxBxR = hidden_TxBxU[:, unsort_B], alpha_TxBxR[:, unsort_B]
         # The vocabulary projection does not feed back into the recurrence, so it
-        # runs after the scan, over all steps at once (`logits`), or only over the
+        # runs after the loop, over all steps at once (`logits`), or only over the
         # rows the loss scores (`jaxcap.losses.packed_cross_entropy`).
         return hidden_TxBxU.swapaxes(0, 1), alpha_TxBxR.swapaxes(0, 1)
 
@@ -272,23 +290,45 @@ class _Saved(NamedTuple):
 
 
 def _step_forward(weights: StepWeights, state: DecoderState, gates1_Bx4U, features_BxRxD,
-                  keys_BxRxA):
+                  keys_BxRxA, kernels_T: tuple[jax.Array, ...] | None = None):
     """attend with h2(t-1) -> lstm1([context, word]) -> lstm2; the words' gates come precomputed.
 
+    `kernels_T`: the step's three kernels transposed (`_transposed_kernels`),
+    for the same products computed as (kernel.T @ x.T).T (`_dot_transposed`).
     Returns (new state, (h2, alpha_BxR), what the backward pass needs).
     """
     attention_units = weights.query_bias.shape[0]
-    from_h2_BxAp4U = _dot(state.h2, weights.h2_kernel)
+    if kernels_T is None:
+        dot_h2, dot1, dot2 = (functools.partial(_dot, kernel=kernel) for kernel in
+                              (weights.h2_kernel, weights.lstm1_kernel, weights.lstm2_kernel))
+    else:
+        dot_h2, dot1, dot2 = (functools.partial(_dot_transposed, kernel_IxJ=kernel_T)
+                              for kernel_T in kernels_T)
+    from_h2_BxAp4U = dot_h2(state.h2)
     query_BxA = from_h2_BxAp4U[:, :attention_units] + weights.query_bias
     recurrent2_Bx4U = from_h2_BxAp4U[:, attention_units:]
     context_BxD, alpha_BxR = attend_projected(keys_BxRxA, features_BxRxD, query_BxA,
                                               weights.score_kernel, weights.score_bias)
     context_h1 = jnp.concatenate([context_BxD, state.h1], axis=-1)
-    h1, c1, gates1 = _lstm_forward(_dot(context_h1, weights.lstm1_kernel) + gates1_Bx4U, state.c1)
+    h1, c1, gates1 = _lstm_forward(dot1(context_h1) + gates1_Bx4U, state.c1)
     h2, c2, gates2 = _lstm_forward(
-        _dot(h1, weights.lstm2_kernel) + recurrent2_Bx4U + weights.lstm2_bias, state.c2)
+        dot2(h1) + recurrent2_Bx4U + weights.lstm2_bias, state.c2)
     saved = _Saved(query_BxA, alpha_BxR, context_BxD, gates1, gates2)
     return DecoderState(h1, c1, h2, c2), (h2, alpha_BxR), saved
+
+
+def _transposed_kernels(weights: StepWeights) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The step's kernels transposed once per call, for `_step_forward` in the training loop.
+
+    There the products come out faster as (kernel.T @ x.T).T: with the kernel
+    as the left operand, XLA:CPU's matmul does not repack 4-6 MB of weights for
+    every product of a few rows. A loop of the step's three products ran 1.3x as
+    fast at 64 rows and 3.8x at 8 (the last phases of `_run`); the transposes
+    cost ~10 ms a train step. Decoding keeps the plain products: there, the
+    consumers of the vocabulary projection lose to a transposed layout what
+    its matmul gains (BENCHMARKS.md, round 4).
+    """
+    return weights.h2_kernel.T, weights.lstm1_kernel.T, weights.lstm2_kernel.T
 
 
 def _lstm_forward(z_Bx4U, c_BxU):
@@ -309,37 +349,118 @@ def _lstm_backward(gates, c_prev_BxU, c_BxU, d_h_BxU, d_c_BxU):
     return d_z, d_c * f
 
 
-def _run(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
-    """The scan over time from zero states: ((h2_TxBxU, alpha_TxBxR), (saved, states))."""
-    batch, units = gates1_TxBx4U.shape[1], gates1_TxBx4U.shape[2] // 4
+# Rows per phase of a recurrence with `steps_B` (below): a multiple of 8, so the
+# matmuls of every phase keep whole register tiles.
+PHASE_ROWS = 8
+
+
+def phase_rows(batch: int, granularity: int = PHASE_ROWS) -> tuple[int, ...]:
+    """The row counts of a recurrence's phases, most first: batch, batch - g, ..., down to <= g."""
+    return tuple(range(batch, 0, -granularity))
+
+
+def _phase_edges(steps_B, rows: tuple[int, ...]):
+    """[edges[p], edges[p + 1]) are the time steps of phase p, for steps_B sorted most first.
+
+    Step t belongs to the phase of the fewest rows that holds every row with
+    steps left (steps_B > t): phase p's rows[p] rows run while row rows[p + 1],
+    the longest of the rows it leaves to the next phases, still has steps.
+    """
+    inner = [steps_B[r] for r in rows[1:]]
+    return [jnp.int32(0)] + inner + [steps_B[0]]
+
+
+def _schedule(steps_B, steps: int, batch: int, granularity: int):
+    """(row counts, time edges) of the phases: one phase of every row and step without steps_B."""
+    if steps_B is None:
+        return (batch,), [0, steps]
+    rows = phase_rows(batch, granularity)
+    return rows, _phase_edges(steps_B, rows)
+
+
+def _at(x_TxBx, t, rows: int):
+    """x[t, :rows] for a traced t."""
+    return jax.lax.dynamic_index_in_dim(x_TxBx, t, 0, keepdims=False)[:rows]
+
+
+def _put(buffer_TxBx, t, x_Bx):
+    """buffer with x written at [t, :len(x)]."""
+    return jax.lax.dynamic_update_slice(buffer_TxBx, x_Bx[None].astype(buffer_TxBx.dtype),
+                                        (t,) + (0,) * x_Bx.ndim)
+
+
+def _run(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA, steps_B, granularity):
+    """The loop over time from zero states: ((h2_TxBxU, alpha_TxBxR), (saved, states)).
+
+    Without `steps_B`, every row runs all T steps. With it (rows sorted by
+    steps, most first), the loop runs in phases of fewer and fewer rows
+    (`phase_rows`): a phase computes only the rows that some of its steps
+    need, so the padding of short captions costs at most `granularity - 1`
+    rows a step. Whatever a step does not compute stays zero in the stacks.
+    """
+    steps, batch = gates1_TxBx4U.shape[:2]
+    units = gates1_TxBx4U.shape[2] // 4
     zeros = jnp.zeros((batch, units), jnp.float32)
+    state = DecoderState(zeros, zeros, zeros, zeros)
+    rows, edges = _schedule(steps_B, steps, batch, granularity)
+    kernels_T = _transposed_kernels(weights)
 
-    def body(state, gates1_Bx4U):
-        state, outputs, saved = _step_forward(weights, state, gates1_Bx4U, features_BxRxD, keys_BxRxA)
-        return state, (outputs, saved, state)
+    def step(state, gates1_Bx4U, features, keys):
+        state, _, saved = _step_forward(weights, state, gates1_Bx4U, features, keys, kernels_T)
+        return state, saved
 
-    _, (outputs, saved, states) = jax.lax.scan(body, DecoderState(zeros, zeros, zeros, zeros),
-                                                gates1_TxBx4U)
-    return outputs, (saved, states)
+    state_shapes, saved_shapes = jax.eval_shape(step, state, gates1_TxBx4U[0], features_BxRxD,
+                                                keys_BxRxA)
+    stacks = jax.tree.map(lambda x: jnp.zeros((steps,) + x.shape, x.dtype),
+                          (saved_shapes, state_shapes))
+    for p, count in enumerate(rows):
+        features, keys = features_BxRxD[:count], keys_BxRxA[:count]
+
+        def body(t, carry, count=count, features=features, keys=keys):
+            state, stacks = carry
+            state, saved = step(state, _at(gates1_TxBx4U, t, count), features, keys)
+            return state, jax.tree.map(lambda s, x: _put(s, t, x), stacks, (saved, state))
+
+        state = jax.tree.map(lambda x, count=count: x[:count], state)
+        state, stacks = jax.lax.fori_loop(edges[p], edges[p + 1], body, (state, stacks))
+    saved, states = stacks
+    return (states.h2, saved.alpha_BxR), (saved, states)
 
 
-@jax.custom_vjp
-def recurrence(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
+def _live(steps_B, steps: int):
+    """(T, B) True where step t is one of row b's first steps_B[b]."""
+    return jnp.arange(steps)[:, None] < steps_B[None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def recurrence(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA, steps_B=None,
+               granularity: int = PHASE_ROWS):
     """Teacher-forced steps from zero states: (h2_TxBxU, alpha_TxBxR).
 
     The same forward pass as autodiff through a scan of `_step_forward`, with a
-    hand-written backward pass that is cheaper on the machine: the reverse scan
+    hand-written backward pass that is cheaper on the machine: the reverse loop
     computes only what depends on the time step (the gate, state and attention
     gradients) and emits the per-step gate gradients; each weight's gradient is
     then one matmul over all T*B rows (sum_t x_t^T dz_t), not T small matmuls each
     added into a running sum. Same for the features' gradient through the context.
+
+    `steps_B` (int, rows sorted most first): row b needs only its first
+    steps_B[b] steps, and later ones are zero in the outputs (their cotangents
+    are ignored). A batch of captions padded to a common length then skips most
+    of its padding's work (`_run`); the steps that are computed are those of
+    the full recurrence.
     """
-    return _run(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA)[0]
+    return _recurrence_fwd(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA, steps_B,
+                           granularity)[0]
 
 
-def _recurrence_fwd(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA):
-    outputs, (saved, states) = _run(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA)
-    return outputs, (weights, features_BxRxD, keys_BxRxA, saved, states)
+def _recurrence_fwd(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA, steps_B, granularity):
+    outputs, (saved, states) = _run(weights, gates1_TxBx4U, features_BxRxD, keys_BxRxA, steps_B,
+                                    granularity)
+    if steps_B is not None:
+        live_TxB = _live(steps_B, gates1_TxBx4U.shape[0])
+        outputs = jax.tree.map(lambda x: jnp.where(live_TxB[..., None], x, 0.0), outputs)
+    return outputs, (weights, features_BxRxD, keys_BxRxA, steps_B, saved, states)
 
 
 def _shift(x_TxBxU):
@@ -347,64 +468,128 @@ def _shift(x_TxBxU):
     return jnp.concatenate([jnp.zeros_like(x_TxBxU[:1]), x_TxBxU[:-1]], axis=0)
 
 
-def _sum_tb(x_TxBxI, dz_TxBxJ, dtype):
-    """sum_t x_t^T dz_t in one matmul, in the compute dtype, accumulated in float32."""
-    return jnp.einsum('tbi,tbj->ij', x_TxBxI.astype(dtype), dz_TxBxJ.astype(dtype),
+def _sum_tb(x_xI, dz_xJ, dtype):
+    """sum over the leading axes of x (x) dz, in one matmul: in the compute dtype, accumulated in float32."""
+    return jnp.einsum('...i,...j->ij', x_xI.astype(dtype), dz_xJ.astype(dtype),
                       preferred_element_type=jnp.float32)
 
 
-def _recurrence_bwd(residuals, d_outputs):
-    weights, features_BxRxD, keys_BxRxA, saved, states = residuals
-    d_h2_TxBxU, d_alpha_TxBxR = d_outputs
+def _reverse_step(weights: StepWeights, features_BxRxD, keys_BxRxA, carry, xs):
+    """One step of the backward pass: (carry, (d_z1, d_from_h2, d_context)) for step t's rows."""
+    d_h1, d_c1, d_h2, d_c2, d_keys, d_score_kernel, d_score_bias = carry
+    d_h2_ext, d_alpha_ext, s, c1, c1_prev, c2, c2_prev = xs
     feature_dim = features_BxRxD.shape[-1]
-    c1_prev, c2_prev = _shift(states.c1), _shift(states.c2)
+    d_z2, d_c2 = _lstm_backward(s.gates2, c2_prev, c2, d_h2 + d_h2_ext, d_c2)
+    d_h1 = d_h1 + _dot_transposed(d_z2, weights.lstm2_kernel)
+    d_z1, d_c1 = _lstm_backward(s.gates1, c1_prev, c1, d_h1, d_c1)
+    d_context_h1 = _dot_transposed(d_z1, weights.lstm1_kernel)
+    d_context = d_context_h1[:, :feature_dim]
+    d_alpha = d_alpha_ext + jnp.einsum('bd,brd->br', d_context, features_BxRxD,
+                                       preferred_element_type=jnp.float32)
+    d_scores = softmax_backward(s.alpha_BxR, d_alpha)
+    d_query, d_keys, d_v = scores_backward(keys_BxRxA, s.query_BxA, weights.score_kernel,
+                                           d_scores, d_keys)
+    d_from_h2 = jnp.concatenate([d_query, d_z2], axis=-1)
+    d_h2_prev = _dot_transposed(d_from_h2, weights.h2_kernel)
+    carry = (d_context_h1[:, feature_dim:], d_c1, d_h2_prev, d_c2, d_keys, d_score_kernel + d_v,
+             d_score_bias + d_scores.sum())
+    return carry, (d_z1, d_from_h2, d_context)
 
-    def body(carry, xs):
-        d_h1, d_c1, d_h2, d_c2, d_keys, d_score_kernel = carry
-        d_h2_ext, d_alpha_ext, s, c1, c1_prev, c2, c2_prev = xs
-        d_z2, d_c2 = _lstm_backward(s.gates2, c2_prev, c2, d_h2 + d_h2_ext, d_c2)
-        d_h1 = d_h1 + _dot_transposed(d_z2, weights.lstm2_kernel)
-        d_z1, d_c1 = _lstm_backward(s.gates1, c1_prev, c1, d_h1, d_c1)
-        d_context_h1 = _dot_transposed(d_z1, weights.lstm1_kernel)
-        d_context = d_context_h1[:, :feature_dim]
-        d_alpha = d_alpha_ext + jnp.einsum('bd,brd->br', d_context, features_BxRxD,
-                                           preferred_element_type=jnp.float32)
-        d_scores = softmax_backward(s.alpha_BxR, d_alpha)
-        d_query, d_keys, d_v = scores_backward(keys_BxRxA, s.query_BxA, weights.score_kernel,
-                                               d_scores, d_keys)
-        d_from_h2 = jnp.concatenate([d_query, d_z2], axis=-1)
-        d_h2_prev = _dot_transposed(d_from_h2, weights.h2_kernel)
-        carry = (d_context_h1[:, feature_dim:], d_c1, d_h2_prev, d_c2, d_keys, d_score_kernel + d_v)
-        return carry, (d_z1, d_from_h2, d_context, d_scores.sum())
 
-    batch, units = states.h1.shape[1:]
-    zeros = jnp.zeros((batch, units), jnp.float32)
-    init = (zeros, zeros, zeros, zeros, jnp.zeros(keys_BxRxA.shape, jnp.float32),
-            jnp.zeros(weights.score_kernel.shape, jnp.float32))
-    xs = (d_h2_TxBxU, d_alpha_TxBxR, saved, states.c1, c1_prev, states.c2, c2_prev)
-    carry, (d_z1, d_from_h2, d_context, d_score_bias) = jax.lax.scan(body, init, xs, reverse=True)
-    _, _, _, _, d_keys, d_score_kernel = carry
-    d_weights = _weight_grads(weights, saved, states, d_z1, d_from_h2, d_score_kernel,
-                              d_score_bias.sum())
+def _recurrence_bwd(granularity, residuals, d_outputs):
+    weights, features_BxRxD, keys_BxRxA, steps_B, saved, states = residuals
+    d_h2_TxBxU, d_alpha_TxBxR = d_outputs
+    steps, batch, units = states.h1.shape
+    rows, edges = _schedule(steps_B, steps, batch, granularity)
+    live_TxB = None
+    if steps_B is not None:   # the outputs there are constant zeros
+        live_TxB = _live(steps_B, steps)
+        d_h2_TxBxU, d_alpha_TxBxR = (jnp.where(live_TxB[..., None], d, 0.0)
+                                     for d in (d_h2_TxBxU, d_alpha_TxBxR))
+    xs = (d_h2_TxBxU, d_alpha_TxBxR, saved, states.c1, _shift(states.c1), states.c2,
+          _shift(states.c2))
+    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    # Per row: d_h1, d_c1, d_h2, d_c2 and the keys' gradient, going backwards in
+    # time; the rows a phase adds (it has more than the one after it) start at zero.
+    rows_carry = (zeros(0, units),) * 4 + (zeros(0, *keys_BxRxA.shape[1:]),)
+    shared_carry = (zeros(*weights.score_kernel.shape), zeros())   # V's kernel, V's bias
+    stacks = (zeros(steps, batch, weights.lstm1_kernel.shape[1]),   # d_z1
+              zeros(steps, batch, weights.h2_kernel.shape[1]),      # d_from_h2
+              zeros(steps, batch, features_BxRxD.shape[-1]))        # d_context
+    for p in reversed(range(len(rows))):
+        count = rows[p]
+        features, keys = features_BxRxD[:count], keys_BxRxA[:count]
+        rows_carry = tuple(jnp.pad(c, [(0, count - c.shape[0])] + [(0, 0)] * (c.ndim - 1))
+                           for c in rows_carry)
+
+        def body(i, loop, p=p, count=count, features=features, keys=keys):
+            carry, stacks = loop
+            t = edges[p + 1] - 1 - i
+            carry, out = _reverse_step(weights, features, keys, carry,
+                                       jax.tree.map(lambda x: _at(x, t, count), xs))
+            return carry, jax.tree.map(lambda s, x: _put(s, t, x), stacks, out)
+
+        carry, stacks = jax.lax.fori_loop(0, edges[p + 1] - edges[p], body,
+                                          (rows_carry + shared_carry, stacks))
+        rows_carry, shared_carry = carry[:5], carry[5:]
+    d_keys, (d_score_kernel, d_score_bias) = rows_carry[4], shared_carry
+    d_z1, d_from_h2, d_context = stacks
+    d_weights = _weight_grads(weights, saved, states, d_z1, d_from_h2, d_score_kernel, d_score_bias,
+                              live_TxB)
     d_features = _features_grad(saved.alpha_BxR, d_context, features_BxRxD.dtype)
     # d_z1 is also the gradient of the words' gates: autodiff takes it on to the embeddings.
-    return d_weights, d_z1, d_features, d_keys.astype(keys_BxRxA.dtype)
+    return d_weights, d_z1, d_features, d_keys.astype(keys_BxRxA.dtype), None
 
 
 def _weight_grads(weights: StepWeights, saved: _Saved, states: DecoderState, d_z1, d_from_h2,
-                  d_score_kernel, d_score_bias) -> StepWeights:
-    """Each weight's gradient as one matmul over all steps and rows."""
+                  d_score_kernel, d_score_bias, live_TxB=None) -> StepWeights:
+    """Each weight's gradient as one matmul over all steps and rows (the live ones, if given)."""
     dtype, attention_units = weights.lstm1_kernel.dtype, weights.query_bias.shape[0]
     context_h1 = jnp.concatenate([saved.context_BxD, _shift(states.h1)], axis=-1)
     d_z2 = d_from_h2[..., attention_units:]
+    h2_kernel, lstm1_kernel, lstm2_kernel = _sums_over_steps(
+        [(_shift(states.h2), d_from_h2), (context_h1, d_z1), (states.h1, d_z2)], live_TxB, dtype)
     return StepWeights(
-        h2_kernel=_sum_tb(_shift(states.h2), d_from_h2, dtype).astype(dtype),
+        h2_kernel=h2_kernel.astype(dtype),
         query_bias=d_from_h2[..., :attention_units].sum(axis=(0, 1)),
         score_kernel=d_score_kernel.astype(weights.score_kernel.dtype),
         score_bias=d_score_bias,
-        lstm1_kernel=_sum_tb(context_h1, d_z1, dtype).astype(dtype),
-        lstm2_kernel=_sum_tb(states.h1, d_z2, dtype).astype(dtype),
+        lstm1_kernel=lstm1_kernel.astype(dtype),
+        lstm2_kernel=lstm2_kernel.astype(dtype),
         lstm2_bias=d_z2.sum(axis=(0, 1)))
+
+
+# `_sums_over_steps` multiplies the first k/PACK_BUCKETS of the (t, b) pairs,
+# the smallest k that holds every live one: one compiled branch per k.
+PACK_BUCKETS = 8
+
+
+def _sums_over_steps(pairs, live_TxB, dtype) -> list[jax.Array]:
+    """[sum over (t, b) of x[t, b] (x) dz[t, b] for (x, dz) in pairs], each one matmul.
+
+    With `live_TxB`, only live pairs count (dz is zero elsewhere): they are
+    moved to the front, and the matmuls run on the smallest of PACK_BUCKETS
+    static row counts that holds them all, picked at run time by `lax.switch`
+    (as `jaxcap.losses.packed_cross_entropy` does for the logits). The padding
+    of a reference batch is about 40% of its pairs, and these three matmuls
+    over all of them were a fifth of a train step.
+    """
+    if live_TxB is None:
+        return [_sum_tb(x, dz, dtype) for x, dz in pairs]
+    flat = [(x.reshape(-1, x.shape[-1]), dz.reshape(-1, dz.shape[-1])) for x, dz in pairs]
+    live_N = live_TxB.reshape(-1)
+    order_N = jnp.argsort(jnp.logical_not(live_N), stable=True)   # live pairs first
+    rows = live_N.shape[0]
+    sizes = sorted({-(-rows * k // PACK_BUCKETS) for k in range(1, PACK_BUCKETS + 1)})
+
+    def first(size: int):
+        def branch(flat, order_N):
+            picked = order_N[:size]
+            return [_sum_tb(x[picked], dz[picked], dtype) for x, dz in flat]
+        return branch
+
+    index = jnp.searchsorted(jnp.asarray(sizes), live_N.sum())   # first size >= live pairs
+    return jax.lax.switch(index, [first(size) for size in sizes], flat, order_N)
 
 
 def _features_grad(alpha_TxBxR, d_context_TxBxD, dtype):
