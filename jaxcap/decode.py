@@ -81,12 +81,14 @@ def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
 
     def body(carry):
         t, token, state, done, tokens, alphas, log_prob = carry
-        state, logits, alpha = decoder_lib.decode_step(weights, state, token, features, keys)
+        state, hidden, alpha = decoder_lib.hidden_step(weights, state, token, features, keys)
+        logits_VxB = decoder_lib.logits_VxB(weights, hidden)
         # The argmax of the log-softmax is that of the logits, and only the chosen
-        # token's log-probability is needed: no (B, V) log-softmax is written out.
-        nxt = jnp.argmax(jnp.where(never_emitted_V, -jnp.inf, logits), axis=-1).astype(jnp.int32)
-        chosen = jnp.take_along_axis(logits, nxt[:, None], 1)[:, 0]
-        log_prob = log_prob + jnp.where(done, 0.0, chosen - jax.nn.logsumexp(logits, axis=-1))
+        # token's log-probability is needed: no (V, B) log-softmax is written out.
+        nxt = jnp.argmax(jnp.where(never_emitted_V[:, None], -jnp.inf, logits_VxB),
+                         axis=0).astype(jnp.int32)
+        chosen = jnp.take_along_axis(logits_VxB, nxt[None, :], 0)[0]
+        log_prob = log_prob + jnp.where(done, 0.0, chosen - jax.nn.logsumexp(logits_VxB, axis=0))
         nxt = jnp.where(done, text.PAD, nxt)
         tokens = tokens.at[:, t].set(nxt)
         alphas = alphas.at[:, t].set(jnp.where(done[:, None], 0.0, alpha))

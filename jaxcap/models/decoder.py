@@ -133,6 +133,8 @@ class DecodingWeights(NamedTuple):
     # (V, 4U): `_word_gates` of every word, so that a step gathers its words'
     # rows instead of running a (B, E) x (E, 4U) matmul. None: computed per step.
     word_gates: jax.Array | None = None
+    # (V, U): out_kernel transposed, for logits laid out (V, B) (`logits_VxB`).
+    out_kernel_T: jax.Array | None = None
 
 
 class Decoder(nn.Module):
@@ -202,7 +204,8 @@ class Decoder(nn.Module):
         embedding = self.embed.embedding
         return DecodingWeights(step_weights, input_weights, embedding,
                                kernel.astype(self.dtype), bias.astype(self.dtype),
-                               _word_gates(embedding, input_weights) if word_gate_table else None)
+                               _word_gates(embedding, input_weights) if word_gate_table else None,
+                               kernel.T.astype(self.dtype))
 
     def step(self, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
         """One decoding step: (new state, logits_BxV, alpha_BxR)."""
@@ -268,6 +271,14 @@ def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features
     (`Decoder.decoding_weights`): XLA leaves some slices of loop-invariant
     parameters inside a while loop, to be redone every step.
     """
+    state, hidden_BxU, alpha_BxR = hidden_step(weights, state, token_B, features_BxRxD, keys_BxRxA)
+    logits_BxV = project_logits(hidden_BxU, weights.out_kernel, weights.out_bias,
+                                weights.out_kernel.dtype)
+    return state, logits_BxV, alpha_BxR
+
+
+def hidden_step(weights: DecodingWeights, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
+    """`decode_step` up to the top LSTM: (new state, hidden_BxU, alpha_BxR)."""
     if weights.word_gates is None:
         words_BxE = jnp.take(weights.embedding, token_B, axis=0)   # what nn.Embed computes
         gates_Bx4U = _word_gates(words_BxE, weights.words)
@@ -275,9 +286,23 @@ def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features
         gates_Bx4U = jnp.take(weights.word_gates, token_B, axis=0)
     state, (hidden_BxU, alpha_BxR), _ = _step_forward(weights.step, state, gates_Bx4U,
                                                       features_BxRxD, keys_BxRxA)
-    logits_BxV = project_logits(hidden_BxU, weights.out_kernel, weights.out_bias,
-                                weights.out_kernel.dtype)
-    return state, logits_BxV, alpha_BxR
+    return state, hidden_BxU, alpha_BxR
+
+
+def logits_VxB(weights: DecodingWeights, hidden_BxU):
+    """`project_logits` laid out (V, B), the vocabulary first, as kernel.T @ hidden.T.
+
+    For a consumer that reduces over the vocabulary (greedy decoding's argmax
+    and logsumexp): with the (V, U) kernel as the left operand, XLA:CPU's matmul
+    does not repack 10 MB of weights every step, and the reductions over the
+    leading axis run across the batch's contiguous columns. Greedy decoding ran
+    1.05x as fast (in one process, 20 alternated calls), with equal tokens.
+    The barrier keeps XLA from folding the transpose back into the matmul.
+    """
+    kernel_VxU = weights.out_kernel_T
+    product_VxB = jnp.dot(kernel_VxU, hidden_BxU.T.astype(kernel_VxU.dtype),
+                          preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(product_VxB) + weights.out_bias[:, None]
 
 
 class _Saved(NamedTuple):
