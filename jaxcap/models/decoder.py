@@ -130,11 +130,10 @@ class DecodingWeights(NamedTuple):
     embedding: jax.Array       # (V, E) word embeddings
     out_kernel: jax.Array      # (U, V) vocabulary projection, in the compute dtype
     out_bias: jax.Array        # (V,), in the compute dtype (as `project_logits` casts it)
+    out_kernel_T: jax.Array    # (V, U) out_kernel transposed, for logits laid out (V, B) (`logits_VxB`)
     # (V, 4U): `_word_gates` of every word, so that a step gathers its words'
     # rows instead of running a (B, E) x (E, 4U) matmul. None: computed per step.
     word_gates: jax.Array | None = None
-    # (V, U): out_kernel transposed, for logits laid out (V, B) (`logits_VxB`).
-    out_kernel_T: jax.Array | None = None
 
 
 class Decoder(nn.Module):
@@ -202,10 +201,10 @@ class Decoder(nn.Module):
         step_weights, input_weights = self.weights(feature_dim)
         kernel, bias = self.output_weights()
         embedding = self.embed.embedding
-        return DecodingWeights(step_weights, input_weights, embedding,
-                               kernel.astype(self.dtype), bias.astype(self.dtype),
-                               _word_gates(embedding, input_weights) if word_gate_table else None,
-                               kernel.T.astype(self.dtype))
+        return DecodingWeights(
+            step_weights, input_weights, embedding, out_kernel=kernel.astype(self.dtype),
+            out_bias=bias.astype(self.dtype), out_kernel_T=kernel.T.astype(self.dtype),
+            word_gates=_word_gates(embedding, input_weights) if word_gate_table else None)
 
     def step(self, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
         """One decoding step: (new state, logits_BxV, alpha_BxR)."""
@@ -349,9 +348,9 @@ def _transposed_kernels(weights: StepWeights) -> tuple[jax.Array, jax.Array, jax
     as the left operand, XLA:CPU's matmul does not repack 4-6 MB of weights for
     every product of a few rows. A loop of the step's three products ran 1.3x as
     fast at 64 rows and 3.8x at 8 (the last phases of `_run`); the transposes
-    cost ~10 ms a train step. Decoding keeps the plain products: there, the
-    consumers of the vocabulary projection lose to a transposed layout what
-    its matmul gains (BENCHMARKS.md, round 4).
+    cost ~10 ms a train step. Decoding keeps the plain products for these
+    three (greedy decoding gained nothing from them, 0.999x in one process),
+    and lays out its vocabulary projection transposed instead (`logits_VxB`).
     """
     return weights.h2_kernel.T, weights.lstm1_kernel.T, weights.lstm2_kernel.T
 
@@ -494,7 +493,7 @@ def _shift(x_TxBxU):
 
 
 def _sum_tb(x_xI, dz_xJ, dtype):
-    """sum over the leading axes of x (x) dz, in one matmul: in the compute dtype, accumulated in float32."""
+    """sum over the leading axes of x (x) dz, one matmul in the compute dtype, float32 accumulated."""
     return jnp.einsum('...i,...j->ij', x_xI.astype(dtype), dz_xJ.astype(dtype),
                       preferred_element_type=jnp.float32)
 
