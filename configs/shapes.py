@@ -3,12 +3,26 @@
 Command (from the repository root):
     python launch.py                      # = --config=configs/shapes.py --workdir=runs/shapes
 
-Expected result, measured on the 2-core CPU development machine (jax 0.10.2) on
-2026-11-25: `python launch.py` took 5 min 46 s alone (`bench/default_job.py`;
-9 min 1 s with the test suite running beside it; ~1 min more for the venv and a
-cached pip install on a fresh clone). That is building the 11,000-scene data set (~30 s,
+Expected result, measured on the 2-core CPU development machine (jax 0.10.2, an
+AMD EPYC family 25 model 1, AVX2 only) on 2026-11-26: `python launch.py` took
+6 min 32 s alone (`bench/default_job.py`; ~1 min more for the venv and a cached
+pip install on a fresh clone). That is building the 11,000-scene data set (~30 s,
 once), 3,500 steps of batch 32 with a CIDEr-D check every 500, and evaluating the
 500 val images greedily and with beam 3:
+               greedy   beam3
+    Bleu_1     0.8474  0.8112
+    Bleu_2     0.7711  0.7430
+    Bleu_3     0.6799  0.6623
+    Bleu_4     0.5586  0.5554
+    METEOR     0.4557  0.4464
+    ROUGE_L    0.7606  0.7469
+    CIDEr      3.7498  3.5762
+The run is deterministic: the same command and code on the same CPU give these
+numbers to the last digit. Other code or another CPU moves them. The train step
+of 2026-11-26 (round 6 in BENCHMARKS.md) sums its gradients in another order,
+and XLA:CPU compiles for the host's vector units. On this CPU the code before
+round 6 gave greedy CIDEr 3.7933 and beam-3 3.5750. On the VM of 2026-11-25 it gave
+(5 min 46 s):
                greedy   beam3
     Bleu_1     0.8335  0.7953
     Bleu_2     0.7526  0.7252
@@ -17,21 +31,8 @@ once), 3,500 steps of batch 32 with a CIDEr-D check every 500, and evaluating th
     METEOR     0.4426  0.4353
     ROUGE_L    0.7446  0.7381
     CIDEr      3.5485  3.3991
-The run is deterministic: the same command on the same CPU build gives these
-numbers to the last digit. On another CPU the numbers move, because XLA:CPU
-compiles for the host's vector units and its kernels round differently: on
-2026-11-26 the development VM was an AMD EPYC family 25 model 1 (AVX2 only), and
-both that night's code and the code that gave the table above gave, in 6 min 20 s:
-               greedy   beam3
-    Bleu_1     0.8487  0.8049
-    Bleu_2     0.7747  0.7366
-    Bleu_3     0.6870  0.6552
-    Bleu_4     0.5690  0.5497
-    METEOR     0.4598  0.4459
-    ROUGE_L    0.7690  0.7496
-    CIDEr      3.7933  3.5750
 Beam 3 (GNMT length penalty, alpha 0.6) scores below
-greedy on these scenes (except in the first table's Bleu_4); we have not looked
+greedy on these scenes (except in the older table's Bleu_4); we have not looked
 into why.
 """
 
