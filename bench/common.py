@@ -185,8 +185,9 @@ def train_step_flop(batch: int = BATCH, steps: int = MAX_LEN - 1, logits_rows: i
     on, summed over the steps (jaxcap's skips most padding; default the same)."""
     logits_rows = batch * steps if logits_rows is None else logits_rows
     step_rows = batch * steps if step_rows is None else step_rows
+    # step_macs counts a vocabulary projection per row-step; the loss runs its own.
     forward_rest = (batch * REGIONS * EMBED_DIM * ATTENTION_UNITS + step_macs(step_rows)
-                    - (batch * steps - logits_rows) * UNITS * VOCAB)
+                    - (step_rows - logits_rows) * UNITS * VOCAB)
     return 2.0 * (2 * batch * REGIONS * FEATURE_DIM * EMBED_DIM + 3 * forward_rest)
 
 
