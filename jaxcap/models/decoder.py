@@ -596,7 +596,7 @@ def _sums_over_steps(pairs, live_TxB, dtype) -> list[jax.Array]:
     static row counts that holds them all, picked at run time by `lax.switch`
     (as `jaxcap.losses.packed_cross_entropy` does for the logits). The padding
     of a reference batch is about 40% of its pairs, and these three matmuls
-    over all of them were a fifth of a train step.
+    over all of them took 176 ms of a ~1 s train step (a profile).
     """
     if live_TxB is None:
         return [_sum_tb(x, dz, dtype) for x, dz in pairs]
