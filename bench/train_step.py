@@ -92,9 +92,9 @@ def main():
         common.log('our step, round 2')
         ours += common.time_calls(runner, args.steps)
     median_s = statistics.median(ours)
-    from jaxcap import losses
+    from jaxcap import packing
     real_tokens = int(batch['mask'][:, 1:].sum())
-    logits_rows = losses.packed_rows(real_tokens, args.batch * (common.MAX_LEN - 1))
+    logits_rows = packing.packed_rows(real_tokens, args.batch * (common.MAX_LEN - 1))
     step_rows = recurrence_rows(batch['mask'][:, 1:])
     flop = common.train_step_flop(args.batch, logits_rows=logits_rows, step_rows=step_rows)
     memory = compiled.memory_analysis()

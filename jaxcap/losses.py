@@ -8,9 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Packed cross-entropy computes logits for the first k/PACK_BUCKETS of the rows,
-# the smallest k that holds every real token: one compiled branch per k.
-PACK_BUCKETS = 8
+from jaxcap.packing import PACK_BUCKETS, over_packed_rows
 
 
 def masked_cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
@@ -37,34 +35,15 @@ def packed_cross_entropy(hidden_BxTxU, targets_BxT, mask_BxT,
     value and gradients are the dense loss' up to the order of the sum.
     Returns (sum of cross-entropy, number of real tokens).
     """
-    hidden_NxU = hidden_BxTxU.reshape(-1, hidden_BxTxU.shape[-1])
-    targets_N, valid_N = targets_BxT.reshape(-1), mask_BxT.reshape(-1) > 0
-    count = valid_N.sum()
-    # Real rows first, each group in its original order.
-    order_N = jnp.argsort(jnp.logical_not(valid_N), stable=True)
-    sizes = bucket_sizes(targets_N.shape[0], buckets)
+    # jax arrays, which `loss_over` can index with a traced `picked`.
+    hidden_NxU = jnp.asarray(hidden_BxTxU).reshape(-1, hidden_BxTxU.shape[-1])
+    targets_N, valid_N = jnp.asarray(targets_BxT).reshape(-1), jnp.asarray(mask_BxT).reshape(-1) > 0
 
-    def loss_over_first(size: int):
-        def branch(hidden_NxU, targets_N, valid_N, order_N):
-            picked = order_N[:size]
-            return masked_cross_entropy(logits_fn(hidden_NxU[picked]), targets_N[picked],
-                                        valid_N[picked])[0]
-        return branch
+    def loss_over(picked):
+        return masked_cross_entropy(logits_fn(hidden_NxU[picked]), targets_N[picked],
+                                    valid_N[picked])[0]
 
-    index = jnp.searchsorted(jnp.asarray(sizes), count)  # first size >= count
-    ce_sum = jax.lax.switch(index, [loss_over_first(size) for size in sizes],
-                            hidden_NxU, targets_N, valid_N, order_N)
-    return ce_sum, mask_BxT.sum()
-
-
-def bucket_sizes(rows: int, buckets: int = PACK_BUCKETS) -> list[int]:
-    """The row counts `packed_cross_entropy` compiles a branch for: ceil(rows * k / buckets)."""
-    return sorted({-(-rows * k // buckets) for k in range(1, buckets + 1)})
-
-
-def packed_rows(real_tokens: int, rows: int, buckets: int = PACK_BUCKETS) -> int:
-    """How many rows `packed_cross_entropy` projects for `real_tokens` of `rows`."""
-    return next(size for size in bucket_sizes(rows, buckets) if size >= real_tokens)
+    return over_packed_rows(loss_over, valid_N, buckets), mask_BxT.sum()
 
 
 def attention_penalty(alpha_BxTxR, mask_BxT):

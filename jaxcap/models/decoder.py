@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcap import packing
 from jaxcap.models.attention import (BahdanauAttention, DenseParams, attend_projected,
                                      scores_backward, softmax_backward)
 
@@ -583,37 +584,21 @@ def _weight_grads(weights: StepWeights, saved: _Saved, states: DecoderState, d_z
         lstm2_bias=d_z2.sum(axis=(0, 1)))
 
 
-# `_sums_over_steps` multiplies the first k/PACK_BUCKETS of the (t, b) pairs,
-# the smallest k that holds every live one: one compiled branch per k.
-PACK_BUCKETS = 8
-
-
 def _sums_over_steps(pairs, live_TxB, dtype) -> list[jax.Array]:
     """[sum over (t, b) of x[t, b] (x) dz[t, b] for (x, dz) in pairs], each one matmul.
 
-    With `live_TxB`, only live pairs count (dz is zero elsewhere): they are
-    moved to the front, and the matmuls run on the smallest of PACK_BUCKETS
-    static row counts that holds them all, picked at run time by `lax.switch`
-    (as `jaxcap.losses.packed_cross_entropy` does for the logits). The padding
-    of a reference batch is about 40% of its pairs, and these three matmuls
-    over all of them took 176 ms of a ~1 s train step (a profile).
+    With `live_TxB`, only live pairs count (dz is zero elsewhere): the matmuls
+    run on them, packed to the front at one of a few static sizes
+    (`jaxcap.packing`, as the loss does for the logits). The padding of a
+    reference batch is about 40% of its pairs, and these three matmuls over all
+    of them took 176 ms of a ~1 s train step (a profile).
     """
     if live_TxB is None:
         return [_sum_tb(x, dz, dtype) for x, dz in pairs]
     flat = [(x.reshape(-1, x.shape[-1]), dz.reshape(-1, dz.shape[-1])) for x, dz in pairs]
-    live_N = live_TxB.reshape(-1)
-    order_N = jnp.argsort(jnp.logical_not(live_N), stable=True)   # live pairs first
-    rows = live_N.shape[0]
-    sizes = sorted({-(-rows * k // PACK_BUCKETS) for k in range(1, PACK_BUCKETS + 1)})
-
-    def first(size: int):
-        def branch(flat, order_N):
-            picked = order_N[:size]
-            return [_sum_tb(x[picked], dz[picked], dtype) for x, dz in flat]
-        return branch
-
-    index = jnp.searchsorted(jnp.asarray(sizes), live_N.sum())   # first size >= live pairs
-    return jax.lax.switch(index, [first(size) for size in sizes], flat, order_N)
+    return packing.over_packed_rows(
+        lambda picked: [_sum_tb(x[picked], dz[picked], dtype) for x, dz in flat],
+        live_TxB.reshape(-1))
 
 
 def _features_grad(alpha_TxBxR, d_context_TxBxD, dtype):
