@@ -9,6 +9,7 @@ import pytest
 from jaxcap import decode
 from jaxcap.data import text
 from jaxcap.models import captioner
+from jaxcap.models import decoder as decoder_lib
 
 VOCAB, MAX_LEN = 9, 6
 
@@ -109,3 +110,42 @@ def test_decoding_step_and_teacher_forcing_share_one_set_of_numbers(model_and_va
                                                      method=captioner.Captioner.step)
         np.testing.assert_allclose(step_logits, logits[:, t], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(step_alpha, alpha[:, t], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('prepared', [False, True])
+def test_the_column_step_is_the_decoding_step_laid_out_batch_last(model_and_variables, prepared):
+    # Greedy decoding runs `column_step` and `logits_VxB`; beam search and
+    # `Captioner.step` run `decode_step`. Same numbers, transposed.
+    model, variables, features = model_and_variables
+    decoding_variables = decode.prepare(model, variables) if prepared else variables
+    _, weights = decode._unpack(model, decoding_variables)
+    regions = model.apply(variables, features, method=captioner.Captioner.encode)
+    state, keys = model.apply(variables, regions, method=captioner.Captioner.start)
+    state = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), state)
+    tokens = jnp.asarray([text.START, 4, 5, 8, 3], jnp.int32)
+    new_state, logits_BxV, alpha_BxR = decoder_lib.decode_step(weights, state, tokens, regions, keys)
+    batch_last = lambda x: jnp.moveaxis(x, 0, -1)  # noqa: E731
+    new_state_T, alpha_RxB = decoder_lib.column_step(
+        weights, jax.tree.map(batch_last, state), tokens, batch_last(regions), batch_last(keys))
+    for row_major, column_major in zip(new_state, new_state_T):
+        np.testing.assert_allclose(column_major.T, row_major, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alpha_RxB.T, alpha_BxR, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(decoder_lib.logits_VxB(weights, new_state_T.h2).T, logits_BxV,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_greedy_choice_is_the_first_allowed_argmax_and_its_log_probability():
+    never_emitted = decode._never_emitted_mask(6)          # <pad> (0) and <start> (2)
+    logits_BxV = np.array([
+        [0.0, 1.0, 0.0, 4.0, 2.0, 4.0],                    # a tie: the first index wins
+        [1000.0, 1.0, 900.0, 2.0, 3.0, -1.0],              # never-emitted favourites, far ahead
+        [5.0, 1.0, 5.0, 1.0, 1.0, 1.0],                    # all allowed words equal
+        [0.0, np.nan, 0.0, 1.0, 0.0, 0.0],                 # a broken model
+    ], np.float32)
+    token_B, log_p_B = decode._greedy_choice(jnp.asarray(logits_BxV.T), never_emitted)
+    np.testing.assert_array_equal(token_B[:3], [3, 4, 1])
+    assert 0 <= int(token_B[3]) < 6
+    exact = logits_BxV[:3].astype(np.float64)
+    log_softmax = exact - np.log(np.exp(exact - exact.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - exact.max(1, keepdims=True)
+    np.testing.assert_allclose(log_p_B[:3], log_softmax[np.arange(3), [3, 4, 1]], rtol=1e-6)

@@ -81,6 +81,22 @@ def attend_projected(keys_BxRxA, values_BxRxD, query_BxA, score_kernel_A, score_
     return context_BxD, alpha_BxR
 
 
+def attend_columns(keys_RxAxB, values_RxDxB, query_AxB, score_kernel_A, score_bias):
+    """`attend_projected` with the batch as the last axis of every array, for decoding loops.
+
+    Decoding keeps its state laid out (features, batch) (`jaxcap.models.decoder.column_step`),
+    so the query arrives as (A, B) and the context leaves as (D, B). The energy
+    is then (R, A, B): contiguous along the batch, whichever axis is reduced.
+    Returns (context_DxB, alpha_RxB).
+    """
+    energy_RxAxB = jnp.tanh(keys_RxAxB.astype(jnp.float32) + query_AxB)
+    scores_RxB = jnp.sum(energy_RxAxB * score_kernel_A.astype(jnp.float32)[:, None], axis=1) + score_bias
+    alpha_RxB = jax.nn.softmax(scores_RxB, axis=0)
+    # A multiply-and-sum, not a dot: a dot would batch over the minor axis.
+    context_DxB = jnp.sum(alpha_RxB[:, None, :] * values_RxDxB.astype(jnp.float32), axis=0)
+    return context_DxB, alpha_RxB
+
+
 @jax.checkpoint
 def additive_scores(keys_BxRxA, query_BxA, score_kernel_A, score_bias):
     """V tanh(keys + query) per region, recomputed (not stored) for the backward pass.

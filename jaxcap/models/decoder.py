@@ -35,13 +35,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxcap import packing
-from jaxcap.models.attention import (BahdanauAttention, DenseParams, attend_projected,
-                                     scores_backward, softmax_backward)
+from jaxcap.models.attention import (BahdanauAttention, DenseParams, attend_columns,
+                                     attend_projected, scores_backward, softmax_backward)
 
 
 def _dot(x, kernel):
     """x @ kernel in the kernel's (compute) dtype, accumulated and returned in float32."""
     return jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+
+
+def _dot_left(kernel_IxJ, x_JxB):
+    """kernel @ x in the kernel's (compute) dtype, accumulated and returned in float32."""
+    return jnp.dot(kernel_IxJ, x_JxB.astype(kernel_IxJ.dtype), preferred_element_type=jnp.float32)
 
 
 def _dot_transposed(x_BxJ, kernel_IxJ):
@@ -124,6 +129,15 @@ class InputWeights(NamedTuple):
     bias: jax.Array            # (4U,) lstm1 bias (added here, once, not per step)
 
 
+class TransposedKernels(NamedTuple):
+    """The decoding step's kernels transposed, outputs first, for `column_step` and `logits_VxB`."""
+    h2: jax.Array              # (A + 4U, U) StepWeights.h2_kernel.T
+    lstm1: jax.Array           # (4U, D + U) StepWeights.lstm1_kernel.T
+    lstm2: jax.Array           # (4U, U) StepWeights.lstm2_kernel.T
+    words: jax.Array           # (4U, E) InputWeights.kernel.T
+    out: jax.Array             # (V, U) the vocabulary projection's kernel.T
+
+
 class DecodingWeights(NamedTuple):
     """Every parameter a decoding step reads, prepared once per decoding call (`decode_step`)."""
     step: StepWeights
@@ -131,7 +145,7 @@ class DecodingWeights(NamedTuple):
     embedding: jax.Array       # (V, E) word embeddings
     out_kernel: jax.Array      # (U, V) vocabulary projection, in the compute dtype
     out_bias: jax.Array        # (V,), in the compute dtype (as `project_logits` casts it)
-    out_kernel_T: jax.Array    # (V, U) out_kernel transposed, for logits laid out (V, B) (`logits_VxB`)
+    kernels_T: TransposedKernels   # the same kernels transposed, for `column_step`
     # (V, 4U): `_word_gates` of every word, so that a step gathers its words'
     # rows instead of running a (B, E) x (E, 4U) matmul. None: computed per step.
     word_gates: jax.Array | None = None
@@ -201,10 +215,13 @@ class Decoder(nn.Module):
         """
         step_weights, input_weights = self.weights(feature_dim)
         kernel, bias = self.output_weights()
+        kernel = kernel.astype(self.dtype)
         embedding = self.embed.embedding
+        kernels_T = TransposedKernels(*_transposed_kernels(step_weights), words=input_weights.kernel.T,
+                                      out=kernel.T)
         return DecodingWeights(
-            step_weights, input_weights, embedding, out_kernel=kernel.astype(self.dtype),
-            out_bias=bias.astype(self.dtype), out_kernel_T=kernel.T.astype(self.dtype),
+            step_weights, input_weights, embedding, out_kernel=kernel, out_bias=bias.astype(self.dtype),
+            kernels_T=kernels_T,
             word_gates=_word_gates(embedding, input_weights) if word_gate_table else None)
 
     def step(self, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
@@ -271,14 +288,6 @@ def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features
     (`Decoder.decoding_weights`): XLA leaves some slices of loop-invariant
     parameters inside a while loop, to be redone every step.
     """
-    state, hidden_BxU, alpha_BxR = hidden_step(weights, state, token_B, features_BxRxD, keys_BxRxA)
-    logits_BxV = project_logits(hidden_BxU, weights.out_kernel, weights.out_bias,
-                                weights.out_kernel.dtype)
-    return state, logits_BxV, alpha_BxR
-
-
-def hidden_step(weights: DecodingWeights, state: DecoderState, token_B, features_BxRxD, keys_BxRxA):
-    """`decode_step` up to the top LSTM: (new state, hidden_BxU, alpha_BxR)."""
     if weights.word_gates is None:
         words_BxE = jnp.take(weights.embedding, token_B, axis=0)   # what nn.Embed computes
         gates_Bx4U = _word_gates(words_BxE, weights.words)
@@ -286,23 +295,51 @@ def hidden_step(weights: DecodingWeights, state: DecoderState, token_B, features
         gates_Bx4U = jnp.take(weights.word_gates, token_B, axis=0)
     state, (hidden_BxU, alpha_BxR), _ = _step_forward(weights.step, state, gates_Bx4U,
                                                       features_BxRxD, keys_BxRxA)
-    return state, hidden_BxU, alpha_BxR
+    logits_BxV = project_logits(hidden_BxU, weights.out_kernel, weights.out_bias,
+                                weights.out_kernel.dtype)
+    return state, logits_BxV, alpha_BxR
 
 
-def logits_VxB(weights: DecodingWeights, hidden_BxU):
-    """`project_logits` laid out (V, B), the vocabulary first, as kernel.T @ hidden.T.
+def column_step(weights: DecodingWeights, state_UxB: DecoderState, token_B, features_RxDxB,
+                keys_RxAxB):
+    """`decode_step` up to the top LSTM, every array laid out (features, batch): (new state, alpha_RxB).
 
-    For a consumer that reduces over the vocabulary (greedy decoding's argmax
-    and logsumexp): with the (V, U) kernel as the left operand, XLA:CPU's matmul
-    does not repack 10 MB of weights every step, and the reductions over the
-    leading axis run across the batch's contiguous columns. Greedy decoding ran
-    1.05x as fast (in one process, 20 alternated calls), with equal tokens.
-    The barrier keeps XLA from folding the transpose back into the matmul.
+    The state's h and c are (U, B), the regions (R, D, B), the keys (R, A, B);
+    the top hidden state, `new_state.h2`, is what `logits_VxB` projects. With
+    the kernels as the left operand (`TransposedKernels`) XLA:CPU's matmul does
+    not repack megabytes of weights for every product of a few rows: a loop of
+    one such product ran 1.7x as fast at 64 rows, and in this layout nothing is
+    transposed inside the loop (transposed products in the batch-first layout
+    gained nothing: XLA then reads the products transposed in every fusion).
+    The same numbers as `decode_step`, up to the order of float32 sums.
     """
-    kernel_VxU = weights.out_kernel_T
-    product_VxB = jnp.dot(kernel_VxU, hidden_BxU.T.astype(kernel_VxU.dtype),
-                          preferred_element_type=jnp.float32)
-    return jax.lax.optimization_barrier(product_VxB) + weights.out_bias[:, None]
+    kernels_T, step = weights.kernels_T, weights.step
+    attention_units = step.query_bias.shape[0]
+    if weights.word_gates is None:
+        words_ExB = jnp.take(weights.embedding, token_B, axis=0).T
+        gates1_4UxB = _dot_left(kernels_T.words, words_ExB) + weights.words.bias[:, None]
+    else:
+        gates1_4UxB = jnp.take(weights.word_gates, token_B, axis=0).T
+    from_h2 = _dot_left(kernels_T.h2, state_UxB.h2)
+    query_AxB = from_h2[:attention_units] + step.query_bias[:, None]
+    context_DxB, alpha_RxB = attend_columns(keys_RxAxB, features_RxDxB, query_AxB,
+                                            step.score_kernel, step.score_bias)
+    context_h1 = jnp.concatenate([context_DxB, state_UxB.h1], axis=0)
+    h1, c1, _ = _lstm_forward(_dot_left(kernels_T.lstm1, context_h1) + gates1_4UxB, state_UxB.c1,
+                              axis=0)
+    h2, c2, _ = _lstm_forward(_dot_left(kernels_T.lstm2, h1) + from_h2[attention_units:]
+                              + step.lstm2_bias[:, None], state_UxB.c2, axis=0)
+    return DecoderState(h1, c1, h2, c2), alpha_RxB
+
+
+def logits_VxB(weights: DecodingWeights, hidden_UxB):
+    """`project_logits` laid out (V, B), the vocabulary first: out_kernel.T @ hidden.
+
+    For `column_step`'s hidden state and a consumer that reduces over the
+    vocabulary (greedy decoding's argmax and logsumexp), which then runs across
+    the batch's contiguous columns.
+    """
+    return _dot_left(weights.kernels_T.out, hidden_UxB) + weights.out_bias[:, None]
 
 
 class _Saved(NamedTuple):
@@ -349,16 +386,17 @@ def _transposed_kernels(weights: StepWeights) -> tuple[jax.Array, jax.Array, jax
     as the left operand, XLA:CPU's matmul does not repack 4-6 MB of weights for
     every product of a few rows. A loop of the step's three products ran 1.3x as
     fast at 64 rows and 3.8x at 8 (the last phases of `_run`); the transposes
-    cost ~10 ms a train step. Decoding keeps the plain products for these
-    three (greedy decoding gained nothing from them, 0.999x in one process),
-    and lays out its vocabulary projection transposed instead (`logits_VxB`).
+    cost ~10 ms a train step. Decoding stores them in its `TransposedKernels`.
     """
     return weights.h2_kernel.T, weights.lstm1_kernel.T, weights.lstm2_kernel.T
 
 
-def _lstm_forward(z_Bx4U, c_BxU):
-    """`lstm_update`, also returning the gate activations (i, f, g, o) for the backward pass."""
-    i, f, g, o = jnp.split(z_Bx4U, 4, axis=-1)
+def _lstm_forward(z_Bx4U, c_BxU, axis: int = -1):
+    """`lstm_update`, also returning the gate activations (i, f, g, o) for the backward pass.
+
+    `axis`: the gates' axis (0 for `column_step`'s (4U, B) layout).
+    """
+    i, f, g, o = jnp.split(z_Bx4U, 4, axis=axis)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c = f * c_BxU + i * g
     return o * jnp.tanh(c), c, (i, f, g, o)
