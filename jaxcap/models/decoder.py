@@ -1,8 +1,10 @@
 """The decoder: one step function (attend, LSTM, LSTM), run over time by `jax.lax.scan`.
 
-Training (teacher forcing) and inference run the same step function (`_step_forward`) on
-the same parameters, so a trained model decodes with exactly the function it was
-trained with.
+Training (teacher forcing), beam search and `Decoder.step` run the same step
+function (`_step_forward`) on the same parameters, so a trained model decodes with
+exactly the function it was trained with. Greedy decoding runs it laid out
+batch-last (`column_step`), which is faster on CPU: the same numbers up to the
+order of float32 sums, which tests/test_decode.py checks.
 
 Speed: everything that does not depend on the time step runs outside the loop.
 The attention keys `W1 f` are computed once per image; the word embeddings' half
