@@ -6,8 +6,8 @@
 Writes `--images` synthetic COCO-sized JPEGs (640x480, quality 90, photo-like:
 smooth gradients, shapes and sensor noise, ~150 KB each as COCO's average) and one caption per
 image, builds a 5,000-word `jaxcap.data.text.Vocabulary`, then measures examples/s
-of `jaxcap.data.images.load_image` -> `images.resize(.., 224)` ->
-`Vocabulary.encode(.., 35)`, batched by 64, in a grain pipeline with `--threads`
+of `jaxcap.data.images.load_image(.., 224)` (decoded at half scale, then
+resized) -> `Vocabulary.encode(.., 35)`, batched by 64, in a grain pipeline with `--threads`
 reader threads (as `jaxcap.data.pipeline` runs it), and on one thread. Then it times
 the train step at the reference's shapes (`bench/train_step.py`'s step) in the same
 run: `ratio_vs_baseline` is the pipeline's examples/s over the step's
@@ -78,7 +78,7 @@ class _ToExample:
 
         from jaxcap.data import images, text
         tokens = self.vocab.encode(record['caption'], self.max_len)
-        return {'images': images.resize(images.load_image(record['path']), self.size),
+        return {'images': images.load_image(record['path'], self.size),
                 'tokens': tokens, 'mask': (tokens != text.PAD).astype(np.float32)}
 
 
@@ -95,6 +95,7 @@ def examples_per_s(records, to_example, batch: int, examples: int, threads: int)
     for _ in range(batches):
         out = next(iterator)
     elapsed = time.perf_counter() - start
+    iterator.close()  # its reader threads would otherwise run on into the train step's timing
     assert out['images'].shape == (batch, to_example.size, to_example.size, 3)
     return batches * batch / elapsed
 

@@ -75,7 +75,7 @@ def caption_images(workdir: str, patterns: Sequence[str], heatmaps_dir: str | No
     loaded = []  # (index into paths, resized image)
     for i, path in enumerate(paths):
         try:
-            loaded.append((i, image_ops.resize(image_ops.load_image(path), config.data.image_size)))
+            loaded.append((i, image_ops.load_image(path, config.data.image_size)))
         except image_ops.ImageLoadError as e:
             lines[i]['error'] = str(e)
     batch_size = config.eval.batch_size

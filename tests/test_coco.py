@@ -149,8 +149,14 @@ def _expected_ids(*splits: str) -> set[int]:
 # ----------------------------------------------------------------------------- records
 
 
-def test_records_have_rgb_images_of_the_stored_size_ids_and_captions(mock_coco_dir):
-    source = pipeline.load_source(tiny_coco_config(mock_coco_dir).data, 'val')
+@pytest.mark.parametrize('sized', [False, True])
+def test_records_have_rgb_images_ids_and_captions(mock_coco_dir, sized):
+    # The pipeline's records come at the model's image size; the module's own
+    # source, without one, at the stored size.
+    data_config = tiny_coco_config(mock_coco_dir).data
+    size = data_config.image_size
+    source = (pipeline.load_source(data_config, 'val') if sized
+              else coco.load_source('val', data_dir=mock_coco_dir))
     assert len(source) == MOCK_SPLITS['val']
     for i in range(len(source)):
         record = source[i]
@@ -158,8 +164,9 @@ def test_records_have_rgb_images_of_the_stored_size_ids_and_captions(mock_coco_d
         index = record['image_id'] - _ID_BASE['val']
         pixels, mode = mock_image('val', index)
         image = record['image']
-        # Gray (2-D) and CMYK (4 channels) JPEGs come back as RGB at their own size.
-        assert image.dtype == np.uint8 and image.shape == (*pixels.shape[:2], 3), mode
+        # Gray (2-D) and CMYK (4 channels) JPEGs come back as RGB.
+        shape = (size, size, 3) if sized else (*pixels.shape[:2], 3)
+        assert image.dtype == np.uint8 and image.shape == shape, mode
         if mode == 'L':
             assert np.array_equal(image[..., 0], image[..., 1])
             assert np.array_equal(image[..., 0], image[..., 2])

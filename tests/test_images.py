@@ -255,3 +255,62 @@ def test_preprocess_batch_dims_and_jit():
 def test_preprocess_bad_mode_lists_valid_modes():
     with pytest.raises(ValueError, match='unit, caffe'):
         images.preprocess(np.zeros((1, 1, 3), np.uint8), 'torch')
+
+
+# --------------------------------------------------------------------------- loading at a size
+
+
+def _photo_like_jpeg(path, width, height, exif=b''):
+    """Smooth gradients, blocks and noise: what a photo's JPEG holds."""
+    rng = np.random.default_rng(width * height)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
+    pixels[height // 4: height // 2, width // 4: width // 2] = (250, 30, 40)
+    pixels += rng.normal(0, 12, pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return _save(image, path, quality=90, exif=exif)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_then_resized(tmp_path, monkeypatch):
+    path = _photo_like_jpeg(tmp_path / 'big.jpg', 640, 480)
+    resized_from = []
+    resize = images._resized
+    monkeypatch.setattr(images, '_resized', lambda image, size: resized_from.append(image.size)
+                        or resize(image, size))
+    out = load_image(path, 224)
+    _assert_rgb(out, 224, 224)
+    assert resized_from == [(320, 240)]           # libjpeg decoded it at half scale
+    # Another low-pass than a full decode and resize, but the same picture.
+    full = images.resize(load_image(path), 224).astype(int)
+    assert np.abs(out.astype(int) - full).mean() < 3
+
+
+def test_a_jpeg_under_twice_the_size_is_decoded_in_full(tmp_path):
+    path = _photo_like_jpeg(tmp_path / 'small.jpg', 400, 300)
+    np.testing.assert_array_equal(load_image(path, 224), images.resize(load_image(path), 224))
+
+
+def test_the_exif_orientation_applies_to_an_image_loaded_at_a_size(tmp_path):
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6                       # stored 640 x 480, shown 480 x 640
+    path = _photo_like_jpeg(tmp_path / 'turned.jpg', 640, 480, exif=exif.tobytes())
+    with Image.open(path) as stored:
+        shown = np.rot90(np.asarray(stored.convert('RGB')), k=-1)   # 90 degrees clockwise
+    expected = images.resize(np.ascontiguousarray(shown), 64).astype(int)
+    out = load_image(path, 64).astype(int)
+    assert np.abs(out - expected).mean() < 3
+    # Unrotated, the picture would differ: the rotation matters here.
+    assert np.abs(np.rot90(out) - expected).mean() > 20
+
+
+def test_training_images_and_user_images_decode_alike(tmp_path):
+    from jaxcap.data import coco
+    path = _photo_like_jpeg(tmp_path / 'same.jpg', 640, 480)
+    with open(path, 'rb') as f:
+        np.testing.assert_array_equal(coco.decode_image(f.read(), 224), load_image(path, 224))
+
+
+def test_a_bad_size_names_the_argument(tmp_path):
+    path = _photo_like_jpeg(tmp_path / 'any.jpg', 40, 30)
+    with pytest.raises(ValueError, match='size must be >= 1'):
+        load_image(path, 0)

@@ -19,7 +19,8 @@ while it runs; `<data_dir>/downloads` can be deleted afterwards). `--data_dir` i
 
 A record of `load_source(...)` is::
 
-    {'image': uint8 HxWx3 (the stored size; grayscale and CMYK JPEGs become RGB),
+    {'image': uint8 HxWx3 (image_size squares, or the stored size; grayscale and
+               CMYK JPEGs become RGB),
      'image_id': int (COCO's image id),
      'captions': list of bytes (UTF-8, as written by the annotators)}
 """
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from jaxcap.data import images
 
 NAME = 'coco_captions/2014'
 FILE_FORMAT = 'array_record'
@@ -60,7 +63,8 @@ class NotPreparedError(FileNotFoundError):
     """The data set is not in the TFDS data dir in a random-access format."""
 
 
-def load_source(split: str, data_dir: str, manual_dir: str = '') -> CocoRecords:
+def load_source(split: str, data_dir: str, manual_dir: str = '',
+                image_size: int | None = None) -> CocoRecords:
     """Random access to a prepared split (expression), e.g. 'train+restval' or 'val'.
 
     Args:
@@ -68,6 +72,9 @@ def load_source(split: str, data_dir: str, manual_dir: str = '') -> CocoRecords:
         data_dir: TFDS data dir that holds (or will hold) `coco_captions`.
         manual_dir: TFDS' manual_dir, only named in the error message ('' =
             TFDS' default, `<data_dir>/downloads/manual`).
+        image_size: images come resized to image_size x image_size (decoded at
+            a reduced scale where they are large enough: `images.decode`);
+            None: at their stored size.
 
     Returns:
         The records of `split` (see the module docstring), read lazily.
@@ -91,7 +98,7 @@ def load_source(split: str, data_dir: str, manual_dir: str = '') -> CocoRecords:
     # (always to RGB) and `metadata` reads a record without decoding at all.
     source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()},
                                     file_format=FILE_FORMAT)
-    return CocoRecords(source)
+    return CocoRecords(source, image_size)
 
 
 def make_builder(data_dir: str):
@@ -165,17 +172,19 @@ class CocoRecords(Sequence):
 
     Random access, nothing loaded ahead; pickles (for grain workers) with the
     TFDS source. Expects the TFDS source to leave 'image' encoded (SkipDecoding).
+    Images come resized to `image_size` squares, or at their stored size (None).
     """
 
-    def __init__(self, tfds_source: Sequence[Record]):
+    def __init__(self, tfds_source: Sequence[Record], image_size: int | None = None):
         self._source = tfds_source
+        self._image_size = image_size
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> Record:
         raw = self._source[self._row(index)]
-        return {'image': decode_image(raw['image']), **_text_fields(raw)}
+        return {'image': decode_image(raw['image'], self._image_size), **_text_fields(raw)}
 
     def metadata(self, index: int) -> Record:
         """Record `index` without its image ('image_id', 'captions'): no JPEG decoding."""
@@ -194,15 +203,16 @@ def _text_fields(raw: Record) -> Record:
     return {'image_id': int(raw['image/id']), 'captions': list(raw['captions']['text'])}
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """JPEG (or any PIL-readable) bytes -> uint8 HxWx3 RGB.
+def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
+    """JPEG (or any PIL-readable) bytes -> uint8 HxWx3 RGB, size x size if given.
 
     COCO holds grayscale and a few CMYK JPEGs; TFDS' own decoding would return
-    them as-is (HxWx3 replicated gray, but HxWx4 CMYK), so decode here instead.
-    Pixels are taken as stored (no EXIF rotation), as TFDS and TensorFlow read them.
+    them as-is (HxWx3 replicated gray, but HxWx4 CMYK), so decode here instead,
+    as users' images are (`images.decode`). Pixels are taken as stored (no EXIF
+    rotation), as TFDS and TensorFlow read them.
     """
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert('RGB'), dtype=np.uint8)
+        return images.decode(image, size, exif_orientation=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

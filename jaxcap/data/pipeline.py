@@ -49,7 +49,7 @@ def load_source(data_config: ml_collections.ConfigDict, split: str) -> Sequence[
     if data_config.name == 'coco':
         from jaxcap.data import coco
         return coco.load_source(split, data_dir(data_config),
-                                os.path.expanduser(data_config.manual_dir))
+                                os.path.expanduser(data_config.manual_dir), data_config.image_size)
     if data_config.name == 'shapes':
         from jaxcap.data import shapes
         builder = shapes.build(data_dir(data_config), shapes.make_config(
