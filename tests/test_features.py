@@ -3,6 +3,7 @@
 import concurrent.futures
 import functools
 import gc
+import json
 import os
 import pickle
 
@@ -188,6 +189,20 @@ def test_a_stale_or_missing_cache_is_detected_when_reading(tmp_path):
     source[3]
     with pytest.raises(features.CacheError, match='record 4 has image_id 1035, the cache 1028'):
         source[4]
+
+
+def test_a_cache_of_an_older_format_is_stale(tmp_path):
+    # Format 1 grids came from images decoded at full scale (`images.decode` now
+    # reduces large JPEGs while decoding): other pixels, so other grids.
+    records = _records(11)
+    _extract(records, tmp_path)
+    index_path = tmp_path / features.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, 'format': 1}))
+    with pytest.raises(features.CacheError, match='format is 1 in the cache but 2 now'):
+        features.FeatureSource(records, str(tmp_path))
+    with pytest.raises(features.CacheError, match='format is 1 in the cache but 2 now'):
+        _extract(records, tmp_path)
 
 
 def test_feature_source_in_grain_pipelines_threads_and_pickles(tmp_path):

@@ -40,7 +40,9 @@ Record = dict[str, Any]
 EncodeFn = Callable[[np.ndarray], Any]
 
 INDEX_FILE = 'index.json'
-FORMAT_VERSION = 1
+# 2: images decoded at a reduced scale where they are large enough (`images.decode`);
+# a cache of version 1 holds grids of slightly different pixels, so it is stale.
+FORMAT_VERSION = 2
 DTYPES = ('float16', 'float32')
 # The header fields a cache and an extraction must agree on; anything else is stale.
 _HEADER_KEYS = ('format', 'fingerprint', 'num_records', 'image_size', 'shard_size', 'dtype')
