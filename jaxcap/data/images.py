@@ -105,9 +105,9 @@ def decode(image: Image.Image, size: int | None = None, exif_orientation: bool =
     """An opened PIL image (header read, pixels not yet) -> HxWx3 uint8 RGB, size x size if given.
 
     With a `size`, a JPEG whose sides are both at least twice `size` is decoded
-    at 1/2, 1/4 or 1/8 scale, the smallest that keeps both sides at least
-    `size` (libjpeg's DCT scaling, PIL's `draft`), and then resized as `resize`
-    does. A 640x480 JPEG to 224 took 2.1 ms to decode and 2.1 to resize at
+    at 1/2, 1/4 or 1/8 scale, the greatest reduction that keeps both sides at
+    least `size` (libjpeg's DCT scaling, PIL's `draft`), and then resized as
+    `resize` does. A 640x480 JPEG to 224 took 2.1 ms to decode and 2.1 to resize at
     full scale, 2.65 ms for both this way; the pixels differ by ~2/255 on
     average (another low-pass filter). Training data (`jaxcap.data.coco`) and
     user images (`load_image`) both come through here, so they stay alike.

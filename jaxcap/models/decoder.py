@@ -2,9 +2,9 @@
 
 Training (teacher forcing), beam search and `Decoder.step` run the same step
 function (`_step_forward`) on the same parameters, so a trained model decodes with
-exactly the function it was trained with. Greedy decoding runs it laid out
-batch-last (`column_step`), which is faster on CPU: the same numbers up to the
-order of float32 sums, which tests/test_decode.py checks.
+exactly the function it was trained with. Greedy decoding runs the same step
+written batch-last (`column_step`), which is faster on CPU: the same numbers up
+to the order of float32 sums, which tests/test_decode.py checks.
 
 Speed: everything that does not depend on the time step runs outside the loop.
 The attention keys `W1 f` are computed once per image; the word embeddings' half
