@@ -121,7 +121,7 @@ def test_the_column_step_is_the_decoding_step_laid_out_batch_last(model_and_vari
     _, weights = decode._unpack(model, decoding_variables)
     regions = model.apply(variables, features, method=captioner.Captioner.encode)
     state, keys = model.apply(variables, regions, method=captioner.Captioner.start)
-    state = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), state)
+    state = type(state)(*(jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(state)))
     tokens = jnp.asarray([text.START, 4, 5, 8, 3], jnp.int32)
     new_state, logits_BxV, alpha_BxR = decoder_lib.decode_step(weights, state, tokens, regions, keys)
     batch_last = lambda x: jnp.moveaxis(x, 0, -1)  # noqa: E731
