@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from tqdm import tqdm
 
-from jaxcap import checkpoint, evaluate, losses, parallel
+from jaxcap import checkpoint, evaluate, losses, parallel, summaries
 from jaxcap import workdir as workdir_lib
 from jaxcap.data import pipeline
 from jaxcap.models import captioner, decoder, resnet
@@ -342,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state, data_iterator)
         logging.info('Resumed from %s at step %d.', workdir, int(state.step))
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams(_flat_hparams(config))
     validator = None
     if config.train.validate_every_steps:
@@ -355,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:  # one writer of eval/; the others wait for it
         scores = evaluate.evaluate_split(config, model, vocab, state.variables(), workdir,
                                          writer=writer, step=int(state.step))
-    writer.flush()
+    writer.close()
     parallel.sync('evaluated')
     return scores
 
@@ -375,7 +374,8 @@ def check_encoder_mode(config: ml_collections.ConfigDict, needs_cache: bool = Fa
             'on images.')
 
 
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+    """The config's leaves by dotted name; what TensorBoard cannot show (lists, None) as strings."""
     flat = {}
 
     def visit(node, prefix):
@@ -383,6 +383,6 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
             if isinstance(v, ml_collections.ConfigDict):
                 visit(v, f'{prefix}{k}.')
             else:
-                flat[f'{prefix}{k}'] = str(v) if isinstance(v, (tuple, list)) else v
+                flat[f'{prefix}{k}'] = v if isinstance(v, (bool, int, float, str)) else str(v)
     visit(config, '')
     return flat
