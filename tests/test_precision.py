@@ -13,7 +13,10 @@ from jaxcap import train
 from jaxcap.data import text
 from jaxcap.models import captioner
 
-VOCAB, STEPS = 13, 12
+# 30 steps: over the first 12, bf16's loss fell to 0.69-0.71 of its start depending on
+# the device (one CPU device, eight, an H200), too close to any threshold; by step 30
+# it is ~0.50 everywhere measured (float32: 0.485).
+VOCAB, STEPS = 13, 30
 
 
 def _batch():
@@ -51,7 +54,7 @@ def runs():
 def test_bfloat16_training_reduces_the_loss_and_stays_close_to_float32(runs):
     _, results = runs
     f32, bf16 = results['float32'][0], results['bfloat16'][0]
-    assert bf16[-1] < 0.7 * bf16[0], bf16
+    assert bf16[-1] < 0.6 * bf16[0], bf16
     # Same initial parameters: the first loss differs only by bf16 rounding
     # (~3 significant digits per matmul input), later ones drift a little more.
     np.testing.assert_allclose(bf16[0], f32[0], rtol=1e-2)
