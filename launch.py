@@ -48,9 +48,6 @@ def main(argv):
         # Orbax and TFDS log every file they touch at INFO; the job's own progress
         # goes to the progress bar and the printed lines.
         logging.set_verbosity(logging.WARNING)
-    # TensorFlow is only used by TFDS to build data sets: keep it off any GPU/TPU.
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')
     try:
         start_jax(_CONFIG.value.parallel)
         run()

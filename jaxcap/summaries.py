@@ -11,6 +11,7 @@ pieces (TensorBoard reads them as it reads TensorFlow's).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -26,22 +27,25 @@ from tensorboard.summary.writer import record_writer
 from tensorboard.util import tensor_util
 
 Scalar = int | float | np.number
+# Two writers in one process within a second get different files, as TensorFlow's do.
+_FILE_NUMBERS = itertools.count()
 
 
 class SummaryWriter:
     """Scalars, texts and hyperparameters: to `logging`, and to an event file in `logdir` if given.
 
     The file is named as TensorFlow names its own (`events.out.tfevents.<time>.
-    <host>.<pid>...`), and every write is flushed: a run that dies keeps every
+    <host>.<pid>.<n>`), and every write is flushed: a run that dies keeps every
     point it logged.
     """
 
     def __init__(self, logdir: str | os.PathLike | None = None):
-        self._records = None
+        self.path, self._records = None, None  # the event file's path, when there is one
         if logdir is not None:
             directory = epath.Path(logdir)
             directory.mkdir(parents=True, exist_ok=True)
-            name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.jaxcap'
+            name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
+                    f'.{next(_FILE_NUMBERS)}')
             self.path = directory / name
             self._records = record_writer.RecordWriter(self.path.open('wb'))
             self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))

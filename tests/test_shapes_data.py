@@ -449,3 +449,29 @@ def test_build_twice_reuses_the_prepared_data(built):
     assert sorted(again.data_path.iterdir()) == files
     assert [os.stat(p).st_mtime_ns for p in files] == mtimes
     assert len(again.as_data_source('train')) == TINY['num_train']
+
+
+def test_tensorflow_is_kept_off_gpus_before_a_build_and_not_touched_after(tmp_path, monkeypatch):
+    """TFDS builds with TensorFlow, which would otherwise start on the GPUs that JAX holds."""
+    from jaxcap import data
+    calls = []
+    monkeypatch.setattr(data, 'keep_tensorflow_on_cpu',
+                        lambda: calls.append(any(tmp_path.rglob('*.array_record*'))))
+    config = shapes.make_config(**TINY, seed=0)
+    shapes.build(str(tmp_path), config)
+    assert calls == [False]  # once, before any file was written
+    shapes.build(str(tmp_path), config)
+    assert calls == [False]
+
+
+def test_a_built_data_set_is_read_without_tensorflow(built):
+    """Only building needs TensorFlow (~4 s to import); training reads without it."""
+    import subprocess
+    import sys
+    code = ('import sys; from jaxcap.data import shapes; '
+            f'b = shapes.build({built["a_root"]!r}, shapes.make_config(**{TINY!r}, seed=0)); '
+            "assert b.as_data_source('train')[0]['image'].shape == (48, 48, 3); "
+            'print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))')
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=repo)
+    assert done.stdout.strip().splitlines()[-1] == '[]', done.stdout

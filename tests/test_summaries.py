@@ -52,6 +52,17 @@ def test_every_write_reaches_the_file_before_close(tmp_path):
     writer.close()
 
 
+def test_two_writers_in_one_second_write_two_files(tmp_path):
+    first, second = summaries.create_writer(tmp_path), summaries.create_writer(tmp_path)
+    first.write_scalars(1, {'loss': 1.0})
+    second.write_scalars(1, {'loss': 2.0})
+    first.close()
+    second.close()
+    losses = sorted(v.simple_value for name in os.listdir(tmp_path)
+                    for e in _events(tmp_path / name) for v in e.summary.value)
+    assert losses == [1.0, 2.0]
+
+
 def test_other_hosts_only_log(tmp_path, caplog):
     writer = summaries.create_writer(tmp_path / 'run', just_logging=True)
     with caplog.at_level('INFO'):

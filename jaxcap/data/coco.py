@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxcap import data as data_lib
 from jaxcap.data import images
 
 NAME = 'coco_captions/2014'
@@ -127,6 +128,8 @@ def prepare(data_dir: str, manual_dir: str = ''):
         manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
         # The GCS mirror holds TFRecord files, which have no random access.
         try_download_gcs=False)
+    if not builder.is_prepared():
+        data_lib.keep_tensorflow_on_cpu()
     builder.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
     return builder
 

@@ -59,6 +59,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw
 
+from jaxcap import data as data_lib
+
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
 COLORS = ('red', 'green', 'blue', 'yellow', 'purple', 'orange')
 SIZES = ('small', 'large')
@@ -585,6 +587,8 @@ def build(data_dir: str,
       access to records (see the module docstring for their format).
     """
     builder = ShapesCaptions(config=_registered_or(config), data_dir=data_dir)
+    if not builder.is_prepared():
+        data_lib.keep_tensorflow_on_cpu()
     builder.download_and_prepare(file_format='array_record')
     return builder
 
