@@ -14,8 +14,8 @@ from jaxcap.data import text
 from jaxcap.models import captioner
 
 # 30 steps: over the first 12, bf16's loss fell to 0.69-0.71 of its start depending on
-# the device (one CPU device, eight, an H200), too close to any threshold; by step 30
-# it is ~0.50 everywhere measured (float32: 0.485).
+# the device (one CPU device, eight, an H200), too close to any threshold. By step 30 it
+# is 0.50 on one CPU device, and on eight rounding bf16 as GPUs do (float32: 0.485).
 VOCAB, STEPS = 13, 30
 
 
