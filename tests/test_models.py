@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcap.models import captioner, resnet
+from jaxcap.models import decoder as decoder_lib
 from jaxcap.models.attention import BahdanauAttention
 from jaxcap.models.decoder import Decoder, LSTMCell
 
@@ -156,12 +157,17 @@ def test_hand_written_backward_pass_equals_autodiff_through_the_step():
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(scan_grads[0]['params']['lstm1']))
 
 
-def test_teacher_forcing_with_steps_computes_what_a_loss_reads_and_nothing_else():
+@pytest.mark.parametrize('max_phases', [8, 2])
+def test_teacher_forcing_with_steps_computes_what_a_loss_reads_and_nothing_else(max_phases,
+                                                                                 monkeypatch):
     # With `steps_B`, the steps after a row's own count are not computed: rows
     # are sorted by it, the loop runs in phases of fewer rows (20, 12 and 4
-    # here), and the weight gradients sum only the live steps. What is computed,
-    # and the gradient of any loss over it, must be the full recurrence's; the
-    # rest comes out zero. Unsorted counts, including 0 and all T.
+    # here; 20 and 4 with at most 2 phases), and the weight gradients sum only
+    # the live steps. What is computed, and the gradient of any loss over it,
+    # must be the full recurrence's; the rest comes out zero. Unsorted counts,
+    # including 0 and all T.
+    monkeypatch.setattr(decoder_lib, 'MAX_PHASES', max_phases)
+    assert len(decoder_lib.phase_rows(20)) == min(3, max_phases)
     batch, steps = 20, 7
     decoder, variables, features, tokens = _decoder_and_inputs(seed=3, batch=batch, steps=steps)
     steps_B = jnp.asarray([3, 7, 0, 5, 1, 7, 2, 6, 4, 4, 1, 0, 7, 3, 5, 2, 6, 1, 3, 2])
@@ -192,6 +198,33 @@ def test_teacher_forcing_with_steps_computes_what_a_loss_reads_and_nothing_else(
                                  jax.tree.leaves(grads_full)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('batch', [1, 8, 20, 64, 65, 100, 512, 4096])
+def test_phases_are_few_and_cover_the_batch_in_steps_of_whole_tiles(batch):
+    """Each phase compiles to loops of its own: their number must not grow with the batch."""
+    rows = decoder_lib.phase_rows(batch)
+    assert rows[0] == batch and rows[-1] > 0 and len(rows) <= 8
+    spacing = {a - b for a, b in zip(rows, rows[1:])}
+    assert len(spacing) <= 1 and all(s % 8 == 0 for s in spacing)
+    assert rows[-1] <= (spacing.pop() if spacing else batch)  # the last phase is the smallest
+    if batch <= 64:
+        assert rows == tuple(range(batch, 0, -8))  # unchanged where 8 rows apart fit 8 phases
+
+
+def test_the_train_steps_loops_do_not_grow_with_the_batch():
+    """Compile time follows the loops: batch 256 in 32 phases took 68 s, 2.6x batch 64's."""
+    def loops(batch):
+        decoder, variables, features, tokens = _decoder_and_inputs(batch=batch, steps=5)
+        steps_B = jnp.arange(batch) % 6
+
+        def loss(variables):
+            hidden, alpha = decoder.apply(variables, features, tokens, steps_B,
+                                          method=Decoder.hidden_states)
+            return jnp.sum(hidden) + jnp.sum(alpha)
+        return jax.jit(jax.grad(loss)).lower(variables).as_text().count('stablehlo.while')
+
+    assert loops(512) == loops(64) <= 2 * 8 + 1  # 8 phases, forward and backward, and one loop more
 
 
 def test_lstm_cell_matches_a_hand_computation():

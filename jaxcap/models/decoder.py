@@ -417,11 +417,24 @@ def _lstm_backward(gates, c_prev_BxU, c_BxU, d_h_BxU, d_c_BxU):
 # Rows per phase of a recurrence with `steps_B` (below): a multiple of 8, so the
 # matmuls of every phase keep whole register tiles.
 PHASE_ROWS = 8
+# Phases at most. Each phase is a loop of its own in the compiled step, forward and
+# backward, so compile time grows with their number: with one phase per 8 rows, the
+# train step at the reference's shapes took 26 s to compile on the development CPU at
+# batch 64 (8 phases), 68 s at 256 (32), ~90 s at 512 (64), and more than 150 s on
+# an H200 at 512.
+MAX_PHASES = 8
 
 
-def phase_rows(batch: int, granularity: int = PHASE_ROWS) -> tuple[int, ...]:
-    """The row counts of a recurrence's phases, most first: batch, batch - g, ..., down to <= g."""
-    return tuple(range(batch, 0, -granularity))
+def phase_rows(batch: int, granularity: int = PHASE_ROWS, max_phases: int | None = None
+               ) -> tuple[int, ...]:
+    """The row counts of a recurrence's phases, most first: batch, batch - g, ..., down to <= g.
+
+    g is `granularity`, or its smallest multiple that makes at most `max_phases`
+    (default `MAX_PHASES`) phases: 8 rows apart up to batch 64, 64 apart at 512.
+    """
+    max_phases = MAX_PHASES if max_phases is None else max_phases
+    spacing = granularity * -(-batch // (granularity * max_phases))  # ceil
+    return tuple(range(batch, 0, -spacing))
 
 
 def _phase_edges(steps_B, rows: tuple[int, ...]):
@@ -460,8 +473,9 @@ def _run(weights: StepWeights, gates1_TxBx4U, features_BxRxD, keys_BxRxA, steps_
     Without `steps_B`, every row runs all T steps. With it (rows sorted by
     steps, most first), the loop runs in phases of fewer and fewer rows
     (`phase_rows`): a phase computes only the rows that some of its steps
-    need, so the padding of short captions costs at most `granularity - 1`
-    rows a step. Whatever a step does not compute stays zero in the stacks.
+    need, so the padding of short captions costs fewer rows a step than the
+    phases' spacing (8 up to batch 64). Whatever a step does not compute stays
+    zero in the stacks.
     """
     steps, batch = gates1_TxBx4U.shape[:2]
     units = gates1_TxBx4U.shape[2] // 4
