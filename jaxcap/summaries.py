@@ -69,10 +69,6 @@ class SummaryWriter:
             self._write(event_pb2.Event(wall_time=time.time(), step=0,
                                         summary=hparams_summary.hparams_pb(dict(hparams))))
 
-    def flush(self) -> None:
-        if self._records is not None:
-            self._records.flush()
-
     def close(self) -> None:
         if self._records is not None and not self._records.closed:
             self._records.close()

@@ -14,3 +14,10 @@ def keep_tensorflow_on_cpu() -> None:
         tf.config.set_visible_devices([], 'GPU')
     except RuntimeError:  # "Visible devices cannot be modified after being initialized"
         pass
+
+
+def download_and_prepare(builder, **kwargs) -> None:
+    """`builder.download_and_prepare(**kwargs)`, with TensorFlow kept off the GPUs if it builds."""
+    if not builder.is_prepared():
+        keep_tensorflow_on_cpu()
+    builder.download_and_prepare(**kwargs)

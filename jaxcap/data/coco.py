@@ -128,9 +128,7 @@ def prepare(data_dir: str, manual_dir: str = ''):
         manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
         # The GCS mirror holds TFRecord files, which have no random access.
         try_download_gcs=False)
-    if not builder.is_prepared():
-        data_lib.keep_tensorflow_on_cpu()
-    builder.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
+    data_lib.download_and_prepare(builder, file_format=FILE_FORMAT, download_config=config)
     return builder
 
 

@@ -587,9 +587,7 @@ def build(data_dir: str,
       access to records (see the module docstring for their format).
     """
     builder = ShapesCaptions(config=_registered_or(config), data_dir=data_dir)
-    if not builder.is_prepared():
-        data_lib.keep_tensorflow_on_cpu()
-    builder.download_and_prepare(file_format='array_record')
+    data_lib.download_and_prepare(builder, file_format='array_record')
     return builder
 
 
