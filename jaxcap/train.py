@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from jaxcap import checkpoint, evaluate, losses, parallel, summaries
 from jaxcap import workdir as workdir_lib
-from jaxcap.data import pipeline
+from jaxcap.data import pipeline, text
 from jaxcap.models import captioner, decoder, resnet
 
 
@@ -131,7 +131,10 @@ def compute_loss(params, batch_stats, batch, model: nn.Module, attention_reg: fl
     global batch's loss, and summing their gradients gives its gradient.
     Returns (loss share, (cross-entropy share, new batch_stats)).
     """
-    tokens_BxT = batch['tokens']
+    # The mask decides what is padding, whatever the tokens there: PAD in place of them
+    # keeps the embedding's gradient bitwise the same. A GPU's scatter-add sums a row's
+    # contributions in an order that depends on which tokens are gathered, zeros included.
+    tokens_BxT = jnp.where(batch['mask'] > 0, batch['tokens'], text.PAD)
     inputs, targets, mask = tokens_BxT[:, :-1], tokens_BxT[:, 1:], batch['mask'][:, 1:]
     variables = {'params': params, 'batch_stats': batch_stats}
     (hidden, alpha, (kernel, bias)), updates = model.apply(
