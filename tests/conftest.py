@@ -12,9 +12,10 @@ os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Tests that compare runs bitwise (a resumed run equals an uninterrupted one) hold on
-# GPUs only with XLA's deterministic reductions and scatters (atomic adds sum in any
-# order). The flags users get from --config.parallel.deterministic_gpu; the CPU ignores them. (jax reads XLA_FLAGS when it starts its backends, not on import.)
+# Tests that compare runs bitwise (a resumed run equals an uninterrupted one) need XLA's
+# deterministic reductions and scatters on GPUs, whose atomic adds sum in any order: the
+# flags users get from --config.parallel.deterministic_gpu. The CPU ignores them.
+# (jax reads XLA_FLAGS when it starts its backends, not on import.)
 from jaxcap import parallel  # noqa: E402
 
 parallel.set_deterministic_gpu_flags()

@@ -71,6 +71,26 @@ def test_resnet50_has_the_keras_parameter_count_and_grid():
         '0_conv', '0_bn', '1_conv', '1_bn', '2_conv', '2_bn', '3_conv', '3_bn'}
 
 
+@pytest.mark.parametrize('train, train_stages', [(False, 0), (True, 1), (True, -1)])
+def test_resnet_computes_only_what_the_next_stage_reads_and_gets_the_same_grid(train, train_stages):
+    # A stage's last block, in inference mode, computes its output at every other row and
+    # column only: what the next stage's strided 1x1 convs read. Asked for every stage's
+    # output, the network computes them whole. Stage 1 ends on a projection shortcut,
+    # stage 2 on an identity; 36 px gives odd grids (9 -> 5 -> 3).
+    model = resnet.ResNet(stage_sizes=(1, 2, 1), num_filters=4, train_stages=train_stages)
+    x = jax.random.normal(jax.random.key(0), (2, 36, 36, 3))
+    variables = model.init(jax.random.key(1), x)
+    # Nonzero biases and BatchNorm statistics, so that every position's values differ.
+    variables = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(2), v.shape, minval=0.1),
+                             variables)
+    grid, stats = model.apply(variables, x, train=train, mutable=['batch_stats'])
+    stages, whole_stats = model.apply(variables, x, train=train, return_stages=True,
+                                      mutable=['batch_stats'])
+    assert [s.shape[1] for s in stages] == [9, 5, 3]
+    np.testing.assert_allclose(grid, stages[-1], rtol=1e-6, atol=1e-6)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), stats, whole_stats)
+
+
 def test_small_encoder_gives_an_8x8_grid_at_64px():
     model = captioner.Captioner(vocab_size=30, stage_sizes=(1, 1), num_filters=4, preprocess='unit',
                                 embed_dim=8, units=16, attention_units=8)
