@@ -52,9 +52,9 @@ class BottleneckBlock(nn.Module):
     """1x1 (stride) -> 3x3 -> 1x1 (4x filters), plus a shortcut; v1: stride on the 1x1.
 
     `output_stride`: compute the output only at every n-th row and column (the
-    last 1x1 conv, its BatchNorm, the sum and the ReLU are per position). For a
-    block whose BatchNorm uses its running averages: in training, its statistics
-    are those of every position.
+    last 1x1 conv, its BatchNorm, the sum and the ReLU are per position). Only
+    for a block whose BatchNorm uses its running averages: in training, the
+    batch statistics would then cover fewer positions.
     """
     filters: int
     strides: int
