@@ -5,7 +5,8 @@
 
 Runs `launch.py` (default config `configs/shapes.py`) in a fresh workdir, so
 nothing is resumed, and reads the scores it wrote (`eval/val_metrics.json`). The
-stated scores are the ones in the config's docstring; `ratio_vs_baseline` is
+stated scores are the ones the config's docstring gives for this CPU, or its
+first ones; `ratio_vs_baseline` is
 absent (the reference never ran this job). Arguments after `--` go to launch.py.
 Prints one JSON line.
 """
@@ -36,14 +37,20 @@ def parse_args():
     return parser.parse_args()
 
 
-def stated_metrics(config_path: str) -> dict[str, float]:
-    """The scores a config's docstring states first (`Bleu_1 0.8321  ...`): its greedy column.
+def stated_metrics(config_path: str, family_model: str = '') -> dict[str, float]:
+    """The greedy column of the scores a config's docstring states for this CPU (`Bleu_1 0.8321 ...`).
 
-    Later tables (the same run on other CPUs) do not replace the first.
+    XLA:CPU's digits depend on the CPU, so the docstring may hold a table per CPU:
+    the first table after the CPU's name ("family 25 model 17", from
+    `family_model` "25/17"), else the first table.
     """
     with open(config_path) as f:
         source = f.read()
     docstring = source.split('"""')[1] if '"""' in source else ''
+    if '/' in family_model:
+        family, model = family_model.split('/')
+        named = re.search(rf'family {family} model {model}\b', docstring)
+        docstring = docstring[named.end():] if named else docstring
     stated: dict[str, float] = {}
     for name, value in re.findall(r'\b(' + '|'.join(METRICS) + r')\s+([0-9.]+)', docstring):
         stated.setdefault(name, float(value))
@@ -78,7 +85,7 @@ def main():
         scores = json.load(f)
     # {'greedy': {...}, 'beam3': {...}} (one entry per eval width), or flat scores.
     measured = scores.get('greedy', scores)
-    stated = stated_metrics(args.config)
+    stated = stated_metrics(args.config, common.cpu_identity()['cpu_family_model'])
     result = {
         'bench': 'default_job', 'command': ' '.join(command[1:]), 'workdir': workdir,
         'wall_s': round(wall_s, 1), 'wall_min': round(wall_s / 60, 2),
