@@ -32,7 +32,7 @@ round 6 gave greedy CIDEr 3.7933 and beam-3 3.5750. On the VM of 2026-11-25 it g
     ROUGE_L    0.7446  0.7381
     CIDEr      3.5485  3.3991
 On an AMD EPYC family 25 model 17 (Zen 4, AVX-512) on 2026-11-26, today's code
-gave, twice, in 3 min 20 s and 3 min 39 s:
+gave, three times, in 3 min 20-51 s:
                greedy   beam3
     Bleu_1     0.8414  0.7976
     Bleu_2     0.7628  0.7273
