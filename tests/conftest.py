@@ -1,7 +1,11 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and the repo on sys.path."""
 
+import json
 import os
+import subprocess
 import sys
+
+import pytest
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -19,3 +23,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxcap import parallel  # noqa: E402
 
 parallel.set_deterministic_gpu_flags()
+
+
+@pytest.fixture
+def tensorflow_modules_after():
+    """Runs Python code in a fresh interpreter at the repo root; returns the `tensorflow`
+    modules it left loaded (TensorFlow costs ~4 s of start-up, and GPU/TPU machines may
+    not have it)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(code: str) -> list[str]:
+        report = ('import json, sys; '
+                  'print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")))')
+        done = subprocess.run([sys.executable, '-c', f'{code}\n{report}'], capture_output=True,
+                              text=True, check=True, cwd=repo)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    return run
