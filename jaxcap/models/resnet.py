@@ -118,23 +118,25 @@ class ResNet(nn.Module):
         # Zero padding before the max-pool is harmless: inputs are post-ReLU, >= 0.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
-        stages, subsampled = [], False
+        def subsampled(stage: int) -> bool:
+            # A stage's first block reads its input through 1x1 convs of stride 2:
+            # 3/4 of the previous stage's output is never read. Where its last block
+            # is in inference mode, it computes only what is read (ResNet-50 on CPU:
+            # ~4% less time), and the next block no longer strides. Stage outputs
+            # asked for are computed whole.
+            return stage + 1 < len(self.stage_sizes) and not learns(stage) and not return_stages
+
+        stages = []
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
-                # A stage's first block reads its input through 1x1 convs of stride 2:
-                # 3/4 of the previous block's output is never read. Where that block
-                # is in inference mode, it computes only what is read (ResNet-50 on
-                # CPU: ~4% less time). Stage outputs asked for are computed whole.
-                stride_out = 2 if (i + 1 < len(self.stage_sizes) and j == num_blocks - 1
-                                   and not learns(i) and not return_stages) else 1
+                last = j == num_blocks - 1
                 x = BottleneckBlock(
                     filters=self.num_filters * 2**i,
-                    strides=2 if (i > 0 and j == 0 and not subsampled) else 1,
+                    strides=2 if (i > 0 and j == 0 and not subsampled(i - 1)) else 1,
                     project_shortcut=(j == 0),
                     bn_axis_name=self.bn_axis_name,
-                    output_stride=stride_out,
+                    output_stride=2 if (last and subsampled(i)) else 1,
                     name=f'conv{i + 2}_block{j + 1}')(x, learns(i))
-                subsampled = stride_out > 1
             if i + 1 == num_frozen:
                 x = jax.lax.stop_gradient(x)  # nothing below learns: skip its backward pass
             stages.append(x)
