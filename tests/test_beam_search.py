@@ -30,9 +30,9 @@ def _norm(length: int, penalty: str) -> float:
     return float(length) if penalty == 'average' else 1.0
 
 
-def _emittable() -> list[int]:
+def _emittable(vocab_size: int = VOCAB) -> list[int]:
     """Beam search may emit anything but <pad> and <start>."""
-    return [w for w in range(VOCAB) if w not in (text.PAD, text.START)]
+    return [w for w in range(vocab_size) if w not in (text.PAD, text.START)]
 
 
 def _repeats_trigram(seq) -> bool:
@@ -133,7 +133,7 @@ def _reference_beam(model, variables, images, max_len, beams, penalty):
         for b, image in enumerate(alive):
             cands = []
             for seq, lp, _ in image:
-                cands += [(lp + log_p[n, w], seq + (w,), n) for w in _emittable()]
+                cands += [(lp + log_p[n, w], seq + (w,), n) for w in _emittable(log_p.shape[1])]
                 n += 1
             top = sorted(cands, key=lambda c: -c[0])[:2 * beams]
             for rank, (lp, seq, _) in enumerate(top):
@@ -300,6 +300,49 @@ def test_small_beams_match_a_search_without_early_stopping(penalty, case):
         assert _caption(out.tokens_BxL[b]) == caption, (penalty, b)
         np.testing.assert_allclose(out.log_prob_B[b], log_prob, atol=1e-5)
         _assert_padded(np.asarray(out.tokens_BxL[b]), np.asarray(out.alpha_BxLxR[b]))
+
+
+@functools.cache
+def _large_vocabulary_case(seed):
+    """A random model with 1,000 words and 64 attention units.
+
+    The tiny model's 6 words and 8 units are below what beam search's two-stage
+    top-k (`decode.top_k`: 3 x 1,000 candidates in chunks of 125) and its
+    blocked sum over the attention units (2 blocks of 32) need to run at all.
+    """
+    model = captioner.Captioner(vocab_size=1000, stage_sizes=(), embed_dim=8, units=16,
+                                attention_units=64, position_embedding=True)
+    variables = jax.tree.map(np.array, captioner.init_variables(
+        model, seed, jnp.zeros((2, 2, 2, 6)), jnp.zeros((2, 3), jnp.int32)))
+    variables['params']['decoder']['logits']['kernel'] *= 20.0
+    images = np.random.default_rng(seed).normal(size=(REF_BATCH, 2, 2, 6)).astype(np.float32)
+    return model, variables, images
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_a_large_vocabulary_matches_a_search_without_early_stopping(seed):
+    model, variables, images = _large_vocabulary_case(seed)
+    out = _decoder(model, REF_LEN, REF_BEAMS, 'gnmt')(variables, images)
+    expected = _reference_beam(model, variables, images, REF_LEN, REF_BEAMS, 'gnmt')
+    for b, (_, caption, log_prob) in enumerate(expected):
+        assert _caption(out.tokens_BxL[b]) == caption, b
+        np.testing.assert_allclose(out.log_prob_B[b], log_prob, atol=1e-5)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_two_stage_top_k_equals_xla_top_k_with_ties_and_infinities(seed):
+    """Values and indices, ties to the lower index included, over shapes that chunk and that do not."""
+    rng = np.random.default_rng(seed)
+    for n, k, chunk in [(3000, 6, 128), (1000, 4, 7), (999, 3, 16), (50, 6, 4), (40, 3, 8), (10, 10, 2)]:
+        x = [rng.normal(size=(4, n)),                      # distinct values
+             rng.integers(0, 3, size=(4, n)),              # many ties, across chunks
+             np.where(rng.random((4, n)) < 0.9, -np.inf, rng.integers(0, 2, size=(4, n)))]
+        for values in x:
+            values = values.astype(np.float32)
+            expected_values, expected_index = jax.lax.top_k(values, k)
+            got_values, got_index = decode.top_k(jnp.asarray(values), k, chunk)
+            np.testing.assert_array_equal(got_values, expected_values)
+            np.testing.assert_array_equal(got_index, expected_index)
 
 
 def test_without_end_the_best_cut_caption_is_returned():

@@ -9,7 +9,7 @@ import pytest
 
 from jaxcap.models import captioner, resnet
 from jaxcap.models import decoder as decoder_lib
-from jaxcap.models.attention import BahdanauAttention
+from jaxcap.models.attention import BahdanauAttention, attend_projected
 from jaxcap.models.decoder import Decoder, LSTMCell
 
 
@@ -305,6 +305,22 @@ def test_attention_matches_a_hand_computation():
     expected_alpha = np.exp(score) / np.exp(score).sum(-1, keepdims=True)
     np.testing.assert_allclose(alpha, expected_alpha, rtol=1e-5)
     np.testing.assert_allclose(context, (expected_alpha[..., None] * f).sum(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('units', [24, 96])   # 96: beam search's blocked sum over the units
+def test_several_queries_per_image_attend_as_one_query_on_each_copy(units):
+    """Beam search's K rows per image (rows b*K .. b*K + K - 1 on image b), against a numpy oracle."""
+    images, regions, dim, beams = 3, 5, 4, 2
+    rng = np.random.default_rng(0)
+    keys, values, query, kernel = (rng.normal(size=shape).astype(np.float32) for shape in (
+        (images, regions, units), (images, regions, dim), (images * beams, units), (units,)))
+    context, alpha = attend_projected(keys, values, query, kernel, np.float32(0.3))
+    image_of_row = np.repeat(np.arange(images), beams)
+    k, v = np.float64(keys[image_of_row]), np.float64(values[image_of_row])
+    score = (np.tanh(k + np.float64(query)[:, None]) @ kernel) + 0.3
+    expected_alpha = np.exp(score) / np.exp(score).sum(-1, keepdims=True)
+    np.testing.assert_allclose(alpha, expected_alpha, rtol=1e-5)
+    np.testing.assert_allclose(context, (expected_alpha[..., None] * v).sum(1), rtol=1e-5, atol=1e-6)
 
 
 def test_lstm_gates_follow_keras_order_and_forget_bias_is_one():

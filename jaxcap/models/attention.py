@@ -69,16 +69,28 @@ class BahdanauAttention(nn.Module):
         return self.attend(self.project_keys(features_BxRxD), features_BxRxD, query_BxH)
 
 
-def attend_projected(keys_BxRxA, values_BxRxD, query_BxA, score_kernel_A, score_bias):
+def attend_projected(keys_BxRxA, values_BxRxD, query_NxA, score_kernel_A, score_bias):
     """Context and weights from projected keys and query (pure: scan bodies call it).
 
-    Softmax runs in float32 whatever the compute dtype.
+    N may be a multiple K of the B images (beam search's K hypotheses per
+    image, rows b*K to b*K + K - 1 on image b): each image's keys and values are
+    then read once for its K queries, not from K copies. Softmax runs in float32
+    whatever the compute dtype. Returns (context_NxD, alpha_NxR).
     """
-    scores_BxR = additive_scores(keys_BxRxA, query_BxA, score_kernel_A, score_bias)
-    alpha_BxR = jax.nn.softmax(scores_BxR, axis=-1)
-    context_BxD = jnp.einsum('br,brd->bd', alpha_BxR.astype(values_BxRxD.dtype), values_BxRxD,
-                             preferred_element_type=jnp.float32)
-    return context_BxD, alpha_BxR
+    batch, rows = keys_BxRxA.shape[0], query_NxA.shape[0]
+    if rows == batch:
+        scores_BxR = additive_scores(keys_BxRxA, query_NxA, score_kernel_A, score_bias)
+        alpha_BxR = jax.nn.softmax(scores_BxR, axis=-1)
+        context_BxD = jnp.einsum('br,brd->bd', alpha_BxR.astype(values_BxRxD.dtype), values_BxRxD,
+                                 preferred_element_type=jnp.float32)
+        return context_BxD, alpha_BxR
+    query_BxKxA = query_NxA.reshape(batch, rows // batch, -1)
+    energy_BxKxRxA = _energy(keys_BxRxA[:, None], query_BxKxA)
+    scores_BxKxR = _sum_in_blocks(energy_BxKxRxA * score_kernel_A.astype(jnp.float32)) + score_bias
+    alpha_BxKxR = jax.nn.softmax(scores_BxKxR, axis=-1)
+    context_BxKxD = jnp.einsum('bkr,brd->bkd', alpha_BxKxR.astype(values_BxRxD.dtype), values_BxRxD,
+                               preferred_element_type=jnp.float32)
+    return context_BxKxD.reshape(rows, -1), alpha_BxKxR.reshape(rows, -1)
 
 
 def attend_columns(keys_RxAxB, values_RxDxB, query_AxB, score_kernel_A, score_bias):
@@ -97,6 +109,28 @@ def attend_columns(keys_RxAxB, values_RxDxB, query_AxB, score_kernel_A, score_bi
     return context_DxB, alpha_RxB
 
 
+def _sum_in_blocks(x, block: int = 32):
+    """jnp.sum(x, axis=-1) as sums of `block` consecutive elements, then those added in order.
+
+    XLA:CPU rewrites a sum over more than 32 elements into a windowed sum (a
+    reduce-window of 32, then a reduce) that does not fuse with the ops that
+    compute its input: beam search's energy, 19 MB a step at batch 64, was
+    written out and read back. A sum over at most 32 fuses with them, and so do
+    the adds of its partial sums; the barrier keeps XLA from merging the two
+    sums back into one. Batch-64 beam-3 decoding ran 1.06-1.09x as fast
+    (BENCHMARKS.md, round 10). A float32 sum in another order.
+    """
+    size = x.shape[-1]
+    if size <= block or size % block:
+        return jnp.sum(x, axis=-1)
+    partial = jax.lax.optimization_barrier(
+        jnp.sum(x.reshape(x.shape[:-1] + (size // block, block)), axis=-1))
+    total = partial[..., 0]
+    for i in range(1, size // block):
+        total = total + partial[..., i]
+    return total
+
+
 @jax.checkpoint
 def additive_scores(keys_BxRxA, query_BxA, score_kernel_A, score_bias):
     """V tanh(keys + query) per region, recomputed (not stored) for the backward pass.
@@ -112,7 +146,7 @@ def additive_scores(keys_BxRxA, query_BxA, score_kernel_A, score_bias):
 
 
 def _energy(keys_BxRxA, query_BxA):
-    return jnp.tanh(keys_BxRxA.astype(jnp.float32) + query_BxA[:, None, :])
+    return jnp.tanh(keys_BxRxA.astype(jnp.float32) + query_BxA[..., None, :])
 
 
 def scores_backward(keys_BxRxA, query_BxA, score_kernel_A, d_scores_BxR, d_keys_acc_BxRxA):

@@ -288,7 +288,9 @@ def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features
     The step teacher forcing scans (`_step_forward`), fed the word's gates, then
     the vocabulary projection. Decoding loops call it with weights prepared once
     (`Decoder.decoding_weights`): XLA leaves some slices of loop-invariant
-    parameters inside a while loop, to be redone every step.
+    parameters inside a while loop, to be redone every step. The state and
+    tokens may have K rows per image (beam search: rows b*K to b*K + K - 1 on
+    image b), which attend over one copy of each image's regions.
     """
     if weights.word_gates is None:
         words_BxE = jnp.take(weights.embedding, token_B, axis=0)   # what nn.Embed computes
