@@ -4,9 +4,9 @@
     python bench/encoder.py --batch 16 --repeats 4
 
 Both sides take uint8 images, apply the caffe preprocessing and run ResNet-50 in
-inference mode inside one compiled function: `jaxcap.models.resnet.ResNet50`
-under `jaxcap.xla_options.jit` (as feature extraction runs it: on CPU, XLA
-rather than YNNPACK runs the convolutions), and `keras.applications.ResNet50(weights=None,
+inference mode inside one compiled function: `jaxcap.inference.grid_encoder`, the
+function feature extraction runs (on CPU: XLA rather than YNNPACK runs the
+convolutions, on chunks of 8 images in turn), and `keras.applications.ResNet50(weights=None,
 include_top=False)` (Keras 3, TensorFlow backend) under `tf.function`. Calls
 alternate between the two, so load changes hit both alike. `ratio_vs_baseline` is
 our images/s over Keras'. Prints one JSON line.
@@ -36,21 +36,15 @@ def parse_args():
 
 
 def jax_extractor(size: int):
-    """(jitted uint8 images -> grid function, its random ResNet-50 variables)."""
+    """(jitted (variables, uint8 images) -> grids function, a captioner's random ResNet-50 variables)."""
     import jax.numpy as jnp
 
-    from jaxcap import xla_options
-    from jaxcap.data import images as image_ops
-    from jaxcap.models import captioner, resnet
-    model = resnet.ResNet50()
-    variables = captioner.init_variables(model, 0, jnp.zeros((1, size, size, 3), jnp.float32))
-
-    # Compiled as feature extraction compiles the encoder (`jaxcap.inference.grid_encoder`).
-    @xla_options.jit
-    def extract(variables, images):
-        return model.apply(variables, image_ops.preprocess(images, 'caffe'), train=False)
-
-    return extract, variables
+    from jaxcap import inference
+    from jaxcap.models import captioner
+    model = captioner.Captioner(vocab_size=4, preprocess='caffe')   # a ResNet-50 encoder
+    variables = captioner.init_variables(model, 0, jnp.zeros((1, size, size, 3), jnp.uint8),
+                                         jnp.zeros((1, 2), jnp.int32))
+    return inference.grid_encoder(model), variables
 
 
 def keras_extractor():
@@ -88,8 +82,10 @@ def main():
         for name, fn in sides.items():
             times[name] += common.time_calls(fn, 1)
     rate = {name: round(args.batch / statistics.median(t), 2) for name, t in times.items()}
-    # No loops in a ResNet: XLA's count is exact here.
-    gflop_per_image = common.xla_flop(extract.lower(variables, jax_images).compile()) / args.batch / 1e9
+    # One chunk, so no loop: XLA's count is exact here.
+    from jaxcap import inference
+    chunk = jax_images[:inference.ENCODER_CHUNK]
+    gflop_per_image = common.xla_flop(extract.lower(variables, chunk).compile()) / chunk.shape[0] / 1e9
     result = {
         'bench': 'encoder', 'batch': args.batch, 'image_size': args.size, 'grid_shape': shapes,
         'images_per_s': rate,

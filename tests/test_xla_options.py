@@ -80,6 +80,16 @@ def test_feature_extraction_options_leave_the_grids_unchanged(resnet_and_images)
     np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5 * float(jnp.abs(plain).max()))
 
 
+@pytest.mark.parametrize('count, chunk', [(11, 4), (9, 3), (5, 8)])
+def test_feature_extraction_in_chunks_gives_every_image_its_own_grid(resnet_and_images, count, chunk):
+    model, variables, _ = resnet_and_images
+    images = jax.random.randint(jax.random.key(count), (count, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    ours = inference.grid_encoder(model, chunk=chunk)(variables, images)
+    plain = jax.jit(lambda x: model.apply(variables, x, method=captioner.Captioner.encode_grid))(images)
+    assert ours.shape == plain.shape == (count, 8, 8, 512)
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5 * float(jnp.abs(plain).max()))
+
+
 def test_a_decoder_inside_another_jit_runs_there_with_the_same_captions(model_and_inputs):
     # jax refuses compiler options on a nested jit: the decoder must still compose.
     model, variables, features = model_and_inputs
