@@ -257,19 +257,40 @@ def _repeated_trigram_mask(tokens_NxL, t, vocab_size: int) -> jax.Array:
 
 
 def _step_log_probs(weights, state, alive, t, features, keys, block_repeated_trigrams):
-    """Runs the decoder on every alive beam: (new state, log_p_BxKxV, alpha_BxKxR)."""
+    """Runs the decoder on every alive beam at step t >= 1: (new state, log_p_BxKxV, alpha_BxKxR)."""
     batch, beams, max_len = alive.tokens_BxKxL.shape
     tokens_NxL = alive.tokens_BxKxL.reshape(batch * beams, max_len)
-    last_N = jnp.where(t == 0, text.START, tokens_NxL[:, jnp.maximum(t - 1, 0)])
-    state, logits_NxV, alpha_NxR = decoder_lib.decode_step(weights, state, last_N, features, keys)
-    vocab = logits_NxV.shape[-1]
-    # Masked after the softmax, not renormalised: scores stay the model's own
-    # log-probabilities, which `sequence_log_prob` reproduces.
-    log_p_NxV = jnp.where(_never_emitted_mask(vocab), -jnp.inf, jax.nn.log_softmax(logits_NxV))
+    state, logits_NxV, alpha_NxR = decoder_lib.decode_step(weights, state, tokens_NxL[:, t - 1],
+                                                           features, keys)
+    log_p_NxV = _log_probs(logits_NxV)
     if block_repeated_trigrams:
-        log_p_NxV = jnp.where(_repeated_trigram_mask(tokens_NxL, t, vocab), -jnp.inf, log_p_NxV)
-    return (state, log_p_NxV.reshape(batch, beams, vocab),
+        log_p_NxV = jnp.where(_repeated_trigram_mask(tokens_NxL, t, log_p_NxV.shape[-1]), -jnp.inf,
+                              log_p_NxV)
+    return (state, log_p_NxV.reshape(batch, beams, -1),
             alpha_NxR.reshape(batch, beams, alpha_NxR.shape[-1]))
+
+
+def _first_step_log_probs(weights, state_B, features, keys, beams: int):
+    """`_step_log_probs` at step 0, computed on one row per image and repeated for its K beams.
+
+    Every beam of an image starts from <start> and the same state, so the other
+    K - 1 rows would only recompute the first (and are dead at first anyway).
+    """
+    start_B = jnp.full((features.shape[0],), text.START, jnp.int32)
+    state_B, logits_BxV, alpha_BxR = decoder_lib.decode_step(weights, state_B, start_B, features, keys)
+    per_beam = lambda x: jnp.repeat(x[:, None], beams, axis=1)  # noqa: E731
+    state = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), state_B)
+    return state, per_beam(_log_probs(logits_BxV)), per_beam(alpha_BxR)
+
+
+def _log_probs(logits_NxV):
+    """log_softmax, with -inf for the never-emitted tokens.
+
+    Masked after the softmax, not renormalised: scores stay the model's own
+    log-probabilities, which `sequence_log_prob` reproduces.
+    """
+    never_emitted_V = _never_emitted_mask(logits_NxV.shape[-1])
+    return jnp.where(never_emitted_V, -jnp.inf, jax.nn.log_softmax(logits_NxV))
 
 
 class _Candidates(NamedTuple):
@@ -403,7 +424,6 @@ def beam_search(model: Captioner, variables, images, max_len: int, beam_size: in
     batch, regions = features_BxRxD.shape[:2]
     # Encoded and projected (W1) once per image; its K beams attend over that one
     # copy (`attend_projected`), which beam-3 decoding reads 1.035x as fast as K copies.
-    state = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), state)
     empty = _empty_hypotheses(batch, beams, max_len, regions)
     # One live beam per image at first: the others would only duplicate it.
     start_BxK = empty.log_prob_BxK.at[:, 0].set(0.0)
@@ -413,17 +433,22 @@ def beam_search(model: Captioner, variables, images, max_len: int, beam_size: in
         t, _, _, _, done_B = carry
         return (t < max_len) & ~jnp.all(done_B)
 
-    def body(carry):
-        t, alive, state, finished, _ = carry
-        state, log_p_BxKxV, alpha_BxKxR = _step_log_probs(
-            weights, state, alive, t, features_BxRxD, keys_BxRxA, block_repeated_trigrams)
+    def advance(t, alive, finished, stepped):
+        """The loop's carry after step t, from the decoder's (state, log_p_BxKxV, alpha_BxKxR)."""
+        state, log_p_BxKxV, alpha_BxKxR = stepped
         cand = _expand(alive, alpha_BxKxR, log_p_BxKxV, t, beams)
         alive, state = _next_alive(cand, state, t, beams)
         finished = _finish(finished, cand, t, max_len, beams, length_penalty, alpha)
         done_B = _cannot_improve(alive, finished, max_len, length_penalty, alpha)
         return t + 1, alive, state, finished, done_B
 
-    init = (jnp.int32(0), alive, state, empty, jnp.zeros((batch,), bool))
+    def body(carry):
+        t, alive, state, finished, _ = carry
+        return advance(t, alive, finished, _step_log_probs(
+            weights, state, alive, t, features_BxRxD, keys_BxRxA, block_repeated_trigrams))
+
+    init = advance(jnp.int32(0), alive, empty,
+                   _first_step_log_probs(weights, state, features_BxRxD, keys_BxRxA, beams))
     _, _, _, finished, _ = jax.lax.while_loop(cond, body, init)
     return Decoded(finished.tokens_BxKxL[:, 0], finished.alpha_BxKxLxR[:, 0], finished.log_prob_BxK[:, 0])
 
