@@ -127,7 +127,7 @@ def in_chunks(fn, images, chunk: int):
     bitwise. A chunk's activations stay in the CPU's caches where a whole
     batch's do not (ResNet-50's first stage holds 3.2 MB per image in each
     of several tensors): feature extraction at batch 32 ran 1.04-1.07x as fast
-    in chunks of 8, and more beside another process' memory traffic
+    in chunks of 8, 1.3x beside other compiled functions in one process
     (BENCHMARKS.md, round 10). GPUs and TPUs take the batch whole.
     """
     batch = images.shape[0]
