@@ -75,7 +75,7 @@ def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
     features = model.apply(variables, images, method=Captioner.encode)
     state, keys = model.apply(variables, features, method=Captioner.start)
     batch, regions = features.shape[0], features.shape[1]
-    features_RxDxB, keys_RxAxB = (jnp.transpose(x, (1, 2, 0)) for x in (features, keys))
+    features_RxDxB, keys_AxRxB = jnp.transpose(features, (1, 2, 0)), jnp.transpose(keys, (2, 1, 0))
     state_UxB = jax.tree.map(jnp.transpose, state)
     never_emitted_V = _never_emitted_mask(model.vocab_size)
 
@@ -85,7 +85,7 @@ def greedy_decode(model: Captioner, variables, images, max_len: int) -> Decoded:
 
     def body(carry):
         t, token, state, done, tokens, alphas, log_prob = carry
-        state, alpha_RxB = decoder_lib.column_step(weights, state, token, features_RxDxB, keys_RxAxB)
+        state, alpha_RxB = decoder_lib.column_step(weights, state, token, features_RxDxB, keys_AxRxB)
         nxt, log_p = _greedy_choice(decoder_lib.logits_VxB(weights, state.h2), never_emitted_V)
         log_prob = log_prob + jnp.where(done, 0.0, log_p)
         nxt = jnp.where(done, text.PAD, nxt)

@@ -114,8 +114,8 @@ def grid_encoder(model: captioner.Captioner, chunk: int = ENCODER_CHUNK):
     `chunk` images at a time (`in_chunks`).
     """
     def encode(variables, images):
-        return in_chunks(functools.partial(model.apply, variables, method=captioner.Captioner.encode_grid),
-                         images, chunk)
+        encode_grid = functools.partial(model.apply, variables, method=captioner.Captioner.encode_grid)
+        return in_chunks(encode_grid, images, chunk)
 
     return xla_options.jit(encode)
 
@@ -135,7 +135,8 @@ def in_chunks(fn, images, chunk: int):
         return fn(images)
     count = -(-batch // chunk)
     size = -(-batch // count)   # as even as possible: fewer than `count` padding images
-    padded = jnp.concatenate([images, jnp.zeros((count * size - batch,) + images.shape[1:], images.dtype)])
+    padding = jnp.zeros((count * size - batch,) + images.shape[1:], images.dtype)
+    padded = jnp.concatenate([images, padding])
     out = jax.lax.map(fn, padded.reshape((count, size) + images.shape[1:]))
     return out.reshape((count * size,) + out.shape[2:])[:batch]
 

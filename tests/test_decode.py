@@ -126,7 +126,8 @@ def test_the_column_step_is_the_decoding_step_laid_out_batch_last(model_and_vari
     new_state, logits_BxV, alpha_BxR = decoder_lib.decode_step(weights, state, tokens, regions, keys)
     batch_last = lambda x: jnp.moveaxis(x, 0, -1)  # noqa: E731
     new_state_T, alpha_RxB = decoder_lib.column_step(
-        weights, jax.tree.map(batch_last, state), tokens, batch_last(regions), batch_last(keys))
+        weights, jax.tree.map(batch_last, state), tokens, batch_last(regions),
+        jnp.transpose(keys, (2, 1, 0)))   # the keys (A, R, B)
     for row_major, column_major in zip(new_state, new_state_T):
         np.testing.assert_allclose(column_major.T, row_major, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(alpha_RxB.T, alpha_BxR, rtol=1e-5, atol=1e-7)

@@ -305,10 +305,10 @@ def decode_step(weights: DecodingWeights, state: DecoderState, token_B, features
 
 
 def column_step(weights: DecodingWeights, state_UxB: DecoderState, token_B, features_RxDxB,
-                keys_RxAxB):
+                keys_AxRxB):
     """`decode_step` up to the top LSTM, every array laid out (features, batch): (new state, alpha_RxB).
 
-    The state's h and c are (U, B), the regions (R, D, B), the keys (R, A, B);
+    The state's h and c are (U, B), the regions (R, D, B), the keys (A, R, B);
     the top hidden state, `new_state.h2`, is what `logits_VxB` projects. With
     the kernels as the left operand (`TransposedKernels`) XLA:CPU's matmul does
     not repack megabytes of weights for every product of a few rows: a loop of
@@ -326,7 +326,7 @@ def column_step(weights: DecodingWeights, state_UxB: DecoderState, token_B, feat
         gates1_4UxB = jnp.take(weights.word_gates, token_B, axis=0).T
     from_h2 = _dot_left(kernels_T.h2, state_UxB.h2)
     query_AxB = from_h2[:attention_units] + step.query_bias[:, None]
-    context_DxB, alpha_RxB = attend_columns(keys_RxAxB, features_RxDxB, query_AxB,
+    context_DxB, alpha_RxB = attend_columns(keys_AxRxB, features_RxDxB, query_AxB,
                                             step.score_kernel, step.score_bias)
     context_h1 = jnp.concatenate([context_DxB, state_UxB.h1], axis=0)
     h1, c1, _ = _lstm_forward(_dot_left(kernels_T.lstm1, context_h1) + gates1_4UxB, state_UxB.c1,
