@@ -64,6 +64,8 @@ def main():
     args = parse_args()
     import jax
     import numpy as np
+
+    from jaxcap import inference
     images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8)
     extract, variables = jax_extractor(args.size)
     jax_images = jax.device_put(images)
@@ -83,7 +85,6 @@ def main():
             times[name] += common.time_calls(fn, 1)
     rate = {name: round(args.batch / statistics.median(t), 2) for name, t in times.items()}
     # One chunk, so no loop: XLA's count is exact here.
-    from jaxcap import inference
     chunk = jax_images[:inference.ENCODER_CHUNK]
     gflop_per_image = common.xla_flop(extract.lower(variables, chunk).compile()) / chunk.shape[0] / 1e9
     result = {

@@ -118,6 +118,7 @@ class ResNet(nn.Module):
         # Zero padding before the max-pool is harmless: inputs are post-ReLU, >= 0.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+
         def subsampled(stage: int) -> bool:
             # A stage's first block reads its input through 1x1 convs of stride 2:
             # 3/4 of the previous stage's output is never read. Where its last block
