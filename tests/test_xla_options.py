@@ -13,6 +13,9 @@ from jaxcap.models import captioner
 
 VOCAB, MAX_LEN = 11, 7
 
+# YNNPACK is XLA:CPU's: a GPU or TPU compiles no YNNPACK fusion to inspect.
+cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='inspects XLA:CPU fusions')
+
 
 @pytest.fixture(scope='module')
 def model_and_inputs():
@@ -34,6 +37,7 @@ def _ynn_fusion_bodies(compiled_text):
             for name in called]
 
 
+@cpu_only
 @pytest.mark.parametrize('beam_size', [1, 3])
 def test_decoder_reductions_stay_out_of_ynnpack_and_its_matmuls_stay_in(model_and_inputs,
                                                                         beam_size):
@@ -64,6 +68,7 @@ def resnet_and_images():
     return model, variables, images
 
 
+@cpu_only
 def test_feature_extraction_runs_its_convolutions_outside_ynnpack(resnet_and_images):
     model, variables, images = resnet_and_images
     compiled = inference.grid_encoder(model).lower(variables, images).compile().as_text()
