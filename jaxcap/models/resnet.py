@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcap.models import winograd
+
 BN_EPSILON = 1.001e-5   # Keras' ResNet value, not Flax's default 1e-5
 BN_MOMENTUM = 0.99      # Keras' BatchNormalization default
 
@@ -29,11 +31,16 @@ class Conv(nn.Module):
     (ResNet-50's 1x1 convolutions at batch 32). Larger kernels stay
     convolutions: there XLA:CPU was as fast as, or faster than, a matmul over
     the patches. GPUs and TPUs keep their native convolution throughout.
+
+    `winograd`: a 3x3 convolution with 64+ input channels may run as Winograd's
+    F(2x2, 3x3) on CPU (`jaxcap.models.winograd`), equal to float32 rounding.
+    Layers in inference mode ask for it: training keeps XLA's convolution.
     """
     features: int
     kernel_size: tuple[int, int]
     strides: int = 1
     padding: str = 'VALID'   # or 'SAME'
+    winograd: bool = False
 
     @nn.compact
     def __call__(self, x_BxHxWxC):
@@ -42,6 +49,9 @@ class Conv(nn.Module):
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
         if self.kernel_size == (1, 1) and jax.default_backend() == 'cpu':
             y = jnp.dot(x_BxHxWxC[:, ::self.strides, ::self.strides], kernel[0, 0])
+        elif self.winograd and winograd.applies(self.kernel_size, self.strides, self.padding,
+                                                x_BxHxWxC.shape[-1]):
+            y = winograd.conv3x3(x_BxHxWxC, kernel)
         else:
             y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (self.strides,) * 2, self.padding,
                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -73,7 +83,7 @@ class BottleneckBlock(nn.Module):
             shortcut = norm(name='0_bn')(shortcut)
         y = Conv(self.filters, (1, 1), self.strides, padding='VALID', name='1_conv')(x)
         y = nn.relu(norm(name='1_bn')(y))
-        y = Conv(self.filters, (3, 3), padding='SAME', name='2_conv')(y)
+        y = Conv(self.filters, (3, 3), padding='SAME', winograd=not train, name='2_conv')(y)
         y = nn.relu(norm(name='2_bn')(y))
         if self.output_stride > 1:
             step = self.output_stride
