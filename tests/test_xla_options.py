@@ -13,8 +13,8 @@ from jaxcap.models import captioner
 
 VOCAB, MAX_LEN = 11, 7
 
-# YNNPACK is XLA:CPU's: a GPU or TPU compiles no YNNPACK fusion to inspect.
-cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='inspects XLA:CPU fusions')
+# YNNPACK and these options are XLA:CPU's: a GPU or TPU has neither to inspect.
+cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason="checks XLA:CPU's options")
 
 
 @pytest.fixture(scope='module')
@@ -103,6 +103,7 @@ def test_a_decoder_inside_another_jit_runs_there_with_the_same_captions(model_an
     np.testing.assert_array_equal(inner, decoder(variables, features).tokens_BxL)
 
 
+@cpu_only   # elsewhere cpu_options() is None without asking XLA
 def test_an_option_xla_does_not_know_falls_back_to_its_defaults(monkeypatch, caplog):
     monkeypatch.setattr(xla_options, 'CPU_OPTIONS', {'xla_cpu_no_such_option': 'x'})
     xla_options.cpu_options.cache_clear()
