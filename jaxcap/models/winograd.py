@@ -76,4 +76,3 @@ def applies(kernel_size, strides: int, padding: str, in_channels: int) -> bool:
     """
     return (tuple(kernel_size) == (3, 3) and strides == 1 and padding == 'SAME'
             and in_channels >= MIN_CHANNELS and jax.default_backend() == 'cpu')
-
