@@ -345,6 +345,24 @@ def test_two_stage_top_k_equals_xla_top_k_with_ties_and_infinities(seed):
             np.testing.assert_array_equal(got_index, expected_index)
 
 
+@pytest.mark.parametrize('size', [5000, 125, 64, 97, 20])   # rows of 200, 25, 32; no divisor; <= 32
+def test_blocked_maximum_is_numpys_maximum(size):
+    rng = np.random.default_rng(size)
+    x = (rng.normal(size=(3, 4, size)) * 10.0 ** rng.integers(-3, 4, size=(3, 4, 1))).astype(np.float32)
+    x[0, 0] = -np.inf                                  # a row of -inf
+    x[0, 1, rng.integers(size)] = np.inf               # an inf
+    x[1, 0, :] = x[1, 0, 0]                            # all tied
+    np.testing.assert_array_equal(decode._max_in_blocks(jnp.asarray(x)), np.max(x, axis=-1))
+
+
+def test_beam_log_probabilities_are_jax_log_softmax_bitwise():
+    # The maximum is taken in blocks (`_max_in_blocks`); every digit stays jax's.
+    logits = jax.random.normal(jax.random.key(0), (6, 5000)) * 4.0
+    never_emitted = decode._never_emitted_mask(5000)
+    want = jnp.where(never_emitted, -jnp.inf, jax.nn.log_softmax(logits))
+    np.testing.assert_array_equal(jax.jit(decode._log_probs)(logits), jax.jit(lambda x: want)(logits))
+
+
 def test_without_end_the_best_cut_caption_is_returned():
     model, variables, images = _reference_case(12, -1e4)
     out = _decoder(model, REF_LEN, REF_BEAMS, 'gnmt')(variables, images)
