@@ -359,8 +359,8 @@ def test_beam_log_probabilities_are_jax_log_softmax_bitwise():
     # The maximum is taken in blocks (`_max_in_blocks`); every digit stays jax's.
     logits = jax.random.normal(jax.random.key(0), (6, 5000)) * 4.0
     never_emitted = decode._never_emitted_mask(5000)
-    want = jnp.where(never_emitted, -jnp.inf, jax.nn.log_softmax(logits))
-    np.testing.assert_array_equal(jax.jit(decode._log_probs)(logits), jax.jit(lambda x: want)(logits))
+    jax_log_probs = jax.jit(lambda x: jnp.where(never_emitted, -jnp.inf, jax.nn.log_softmax(x)))
+    np.testing.assert_array_equal(jax.jit(decode._log_probs)(logits), jax_log_probs(logits))
 
 
 def test_without_end_the_best_cut_caption_is_returned():
