@@ -363,6 +363,27 @@ def test_beam_log_probabilities_are_jax_log_softmax_bitwise():
     np.testing.assert_array_equal(jax.jit(decode._log_probs)(logits), jax_log_probs(logits))
 
 
+def test_attention_history_follows_the_back_pointers():
+    # Two images, two beams, four steps; every step's attention names (step, image, beam).
+    steps, batch, beams = 4, 2, 2
+    alpha = np.array([[[[100 * t + 10 * b + k, -1.0] for k in range(beams)] for b in range(batch)]
+                      for t in range(steps)], np.float32)
+    parent = np.zeros((steps, batch, beams), np.int32)   # [t, b, k]: the beam at step t that
+    parent[1, 0] = [1, 0]                                # beam k alive after step t extends
+    parent[2, 0] = [1, 0]
+    parent[1, 1] = [1, 1]
+    parent[2, 1] = [1, 0]
+    tokens = np.array([[5, 4, text.END, text.PAD],       # image 0 ends at step 2, on beam 1
+                       [5, 4, 5, 4]])                    # image 1 runs all 4 steps, ends on beam 0
+    trail = decode._Trail(jnp.asarray(alpha), jnp.asarray(parent))
+    history = np.asarray(decode._attention_history(trail, jnp.asarray(tokens), jnp.array([1, 0])))
+    # Image 0: step 2 on beam 1, whose parent at step 1 is parent[1, 0, 1] = 0, then parent[0, 0, 0] = 0.
+    np.testing.assert_array_equal(history[0, :, 0], [0, 100, 201, 0])
+    # Image 1: step 3 on beam 0; parent[2, 1, 0] = 1; parent[1, 1, 1] = 1; parent[0, 1, 1] = 0.
+    np.testing.assert_array_equal(history[1, :, 0], [10, 111, 211, 310])
+    np.testing.assert_array_equal(history[:, :, 1], [[-1, -1, -1, 0], [-1, -1, -1, -1]])
+
+
 def test_without_end_the_best_cut_caption_is_returned():
     model, variables, images = _reference_case(12, -1e4)
     out = _decoder(model, REF_LEN, REF_BEAMS, 'gnmt')(variables, images)
