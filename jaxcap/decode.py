@@ -422,9 +422,10 @@ def _empty_hypotheses(batch: int, beams: int, max_len: int) -> _Hypotheses:
 
 
 def _attention_history(trail: _Trail, tokens_BxL, parent_B) -> jax.Array:
-    """alpha_BxLxR of the captions that `parent_B` ends (see `_Hypotheses`), zeros after each.
+    """The attention history alpha_BxLxR of captions whose last token alive beam parent_B generated.
 
-    Walks the back-pointers from each caption's last step to its first.
+    Walks the back-pointers from each caption's last step to its first; zeros
+    after the last step, as for `<pad>` in the tokens.
     """
     last_B = jnp.sum(tokens_BxL != text.PAD, axis=1) - 1   # <pad> is never generated
     steps = tokens_BxL.shape[1]
@@ -433,6 +434,7 @@ def _attention_history(trail: _Trail, tokens_BxL, parent_B) -> jax.Array:
         beam_B = jnp.where(t == last_B, parent_B, beam_B)
         alpha_BxR = _take(trail.alpha_LxBxKxR[t], beam_B[:, None])[:, 0]
         alpha_BxR = jnp.where((t <= last_B)[:, None], alpha_BxR, 0.0)
+        # The beam at step t - 1 (at t = 0 there is none, and the value is unused).
         return _take(trail.parent_LxBxK[jnp.maximum(t - 1, 0)], beam_B[:, None])[:, 0], alpha_BxR
 
     _, alpha_LxBxR = jax.lax.scan(back, parent_B, jnp.arange(steps - 1, -1, -1))
