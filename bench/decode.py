@@ -15,6 +15,13 @@ compiled batched greedy (35 steps unrolled in one tf.function, batch 64) and its
 eager per-image loop (the reference's decoder: one Keras call and host sync per
 token). `ratio_vs_baseline` is the baseline's batched greedy time over ours
 (prepared); `unprepared_ratio_vs_baseline` the same for the raw variables.
+
+`cpu_ms_per_call` is this process' CPU time per call (user and system, all
+threads): it tells a run in one of the development VM's slow phases from a quiet
+one. A quiet greedy call there takes ~400 ms of CPU in ~205 ms (both cores busy);
+in a slow phase 500-530 ms of CPU in ~290 ms, with no page faults and no stolen
+time: the same work in more cycles, mostly in the elementwise passes
+(BENCHMARKS.md, round 13).
 """
 
 from __future__ import annotations
@@ -70,13 +77,13 @@ def main():
         first_call_s[name] = round(time.perf_counter() - start, 2)
         mean_tokens[name] = float(np.mean(np.sum(np.asarray(out.tokens_BxL) != text.PAD, axis=1)))
     prepare_s = common.time_calls(prepare, 3)
-    times = {name: [] for name in calls}
+    times, cpu = {name: [] for name in calls}, {name: [] for name in calls}
 
     def round_of_timings():
         # Each decoder's calls back to back: a 10 s beam search just before a greedy
         # call leaves it cold caches (and its freed memory to fault in again).
         for name, call in calls.items():
-            times[name] += common.time_calls(call, args.repeats)
+            times[name] += common.time_calls(call, args.repeats, cpu[name])
 
     common.log('our decoders, round 1')
     round_of_timings()
@@ -102,6 +109,7 @@ def main():
         'greedy_ms_per_image': common.ms(greedy / args.batch),
         f'{beam_name}_ms_per_image': common.ms(beam / args.batch),
         'ms_min_max': {name: [common.ms(min(t)), common.ms(max(t))] for name, t in times.items()},
+        'cpu_ms_per_call': {name: common.median_ms(c) for name, c in cpu.items()},
         'timed_calls_each': len(times['greedy']),
         f'{beam_name}_over_greedy': round(beam / greedy, 2),
         'greedy_gflop_analytic': round(flop / 1e9, 2),
