@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -96,7 +95,7 @@ def main():
         'metric_minus_stated': {k: round(float(measured[k]) - v, 4) + 0.0 for k, v in stated.items()
                                 if k in measured},
         'last_training_log': last_training_log(done.stderr),
-        'job_peak_rss_mb': round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        'job_peak_rss_mb': common.children_peak_rss_mb(),
     }
     common.emit(result)
 
