@@ -427,7 +427,7 @@ def _attention_history(trail: _Trail, tokens_BxL, parent_B) -> jax.Array:
     Walks the back-pointers from each caption's last step to its first; zeros
     after the last step, as for `<pad>` in the tokens.
     """
-    last_B = jnp.sum(tokens_BxL != text.PAD, axis=1) - 1   # <pad> is never generated
+    last_B = jnp.sum(caption_mask(tokens_BxL), axis=1) - 1
     steps = tokens_BxL.shape[1]
 
     def back(beam_B, t):
